@@ -1,0 +1,28 @@
+# Quick start: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU build first so that no later requirement pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[hf,dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/plan examples/specs/llama3_8b.yaml --inspect
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+lint: install
+	$(VENV)/bin/ruff check autoshard planner cost_models transforms tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

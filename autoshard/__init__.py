@@ -1,0 +1,3 @@
+"""autoshard: automatic parallelism planning and model transformation for PyTorch."""
+
+__version__ = "0.1.0"

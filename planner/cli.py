@@ -1,0 +1,134 @@
+"""The `plan` command. It only parses arguments and calls the library; errors become one paragraph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import traceback
+from collections.abc import Sequence
+
+from .errors import UserError
+from .model_graph import ModelGraph
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="plan",
+        description="Plan the parallel layout of a PyTorch model (TP/SP, PP, CP, EP, DP + ZeRO).",
+    )
+    p.add_argument("model", help="model.py with build_model(), an architecture spec .yaml, "
+                                 "or a Hugging Face config.json / model folder")
+    p.add_argument("--inspect", action="store_true", help="print the captured model instead of planning")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch for the capture")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code, args.debug)
+    except BrokenPipeError:  # `plan ... | head` closed our stdout: not an error
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, args.debug)
+    except Exception as exc:  # noqa: BLE001 - anything else is our bug: say so, briefly
+        _fail(f"internal error: {type(exc).__name__}: {exc}. Please report it with the output of --debug.", 1, args.debug)
+    return 0
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(textwrap.fill(f"error: {message}", width=100), file=sys.stderr)
+    sys.exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .capture import capture
+
+    for name in ("micro_batch", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if not args.inspect:
+        raise UserError(
+            "planning a layout is not available yet in this version; use --inspect to see the captured "
+            "model (blocks, parameters, FLOPs, activations, pipeline cut points)."
+        )
+    graph = capture(args.model, args.micro_batch, args.seq_len)
+    for w in graph.warnings:
+        print(f"note: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(graph.summary(), indent=None, sort_keys=True))
+    else:
+        print(format_inspect(graph))
+    return 0
+
+
+def format_inspect(g: ModelGraph) -> str:
+    """A readable summary: units (identical consecutive blocks folded), totals and cut points."""
+    tokens = g.tokens
+    lines = [
+        f"model        {g.name}",
+        f"capture      {g.capture_method}" + "".join(f"  ({k} failed: {v})" for k, v in g.capture_failures.items()),
+        f"parameters   {_si(g.params)} ({g.params:,})",
+        f"blocks       {len(g.blocks)} in {len(g.block_groups())} kind(s)",
+        f"tokens       micro-batch {g.micro_batch} x seq {g.seq_len} ({g.dtype})",
+        f"FLOPs/token  {_si(g.flops_per_token)} (forward {_si(g.fwd_flops / tokens)}, backward {_si(g.bwd_flops / tokens)})",
+        f"saved/token  {_si(g.saved_bytes / tokens)}B for backward",
+        "",
+        f"{'unit':<34}{'kind':<11}{'params':>10}{'FLOP/token':>13}{'act B/token':>13}",
+    ]
+    for first, last, u in _folded(g):
+        name = u.name if first == last else f"{g.units[first].name} .. {g.units[last].name} (x{last - first + 1})"
+        lines.append(f"{name:<34}{u.kind:<11}{_si(u.params):>10}{_si((u.fwd_flops + u.bwd_flops) / tokens):>13}"
+                     f"{_si(u.saved_bytes / tokens):>13}")
+    if g.root_fwd_flops or g.root_saved_bytes:
+        lines.append(f"{'(model body)':<34}{'':<11}{'':>10}{_si((g.root_fwd_flops + g.root_bwd_flops) / tokens):>13}"
+                     f"{_si(g.root_saved_bytes / tokens):>13}")
+    lines += ["", f"pipeline cuts {len(g.cut_points)} valid of {len(g.units) - 1}: " + _cuts(g)]
+    block = g.blocks[0] if g.blocks else None
+    if block is not None and block.attention is not None:
+        a = block.attention
+        lines.append(f"attention    {a.core}, {a.heads} heads, {a.kv_heads} kv heads, head dim {a.head_dim}")
+    if block is not None:
+        moe = next((b.moe for b in g.blocks if b.moe), None)
+        if moe is not None:
+            lines.append(f"MoE          {moe.num_experts} experts, top-{moe.top_k}, {len(moe.shared)} shared")
+    return "\n".join(lines)
+
+
+def _folded(g: ModelGraph) -> list[tuple[int, int, object]]:
+    out: list[tuple[int, int, object]] = []
+    for i, u in enumerate(g.units):
+        if out and u.kind == "block" and g.units[out[-1][0]].signature == u.signature:
+            out[-1] = (out[-1][0], i, out[-1][2])
+        else:
+            out.append((i, i, u))
+    return out
+
+
+def _cuts(g: ModelGraph) -> str:
+    if len(g.cut_points) <= 6:
+        return ", ".join(f"after {g.units[k - 1].name}" for k in g.cut_points) or "none"
+    return (f"after {g.units[g.cut_points[0] - 1].name}, ..., after {g.units[g.cut_points[-1] - 1].name}"
+            f" (every unit boundary but {len(g.units) - 1 - len(g.cut_points)})")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
