@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,8 +101,15 @@ class _Layout:
 
     def unit_of_stack(self, stack: Sequence[str]) -> str | None:
         """The outermost unit among the running modules."""
-        unit_set = set(self.units)
-        return next((f for f in stack if f in unit_set), None)
+        return next((f for f in stack if f in self.unit_set), None)
+
+    @property
+    def unit_set(self) -> frozenset[str]:
+        if self._unit_set is None or len(self._unit_set) != len(self.units):
+            self._unit_set = frozenset(self.units)
+        return self._unit_set
+
+    _unit_set: frozenset[str] | None = None
 
 
 def _layout(module: nn.Module) -> _Layout:
@@ -123,7 +129,6 @@ def _capture_module(module: nn.Module, inputs: tuple, methods: Sequence[str]) ->
     layout.units = sorted((u for u in layout.units if u in order), key=order.__getitem__)
     failures: dict[str, str] = {}
     for method in methods:
-        start = time.perf_counter()
         try:
             gm, flow, nbytes = _TRACERS[method](module, inputs, layout, m)
         except Exception as exc:  # noqa: BLE001 - any failure means: try the next method
@@ -131,7 +136,6 @@ def _capture_module(module: nn.Module, inputs: tuple, methods: Sequence[str]) ->
             continue
         graph = _build_graph(module, layout, m, flow, nbytes)
         graph.capture_method, graph.capture_failures, graph.gm = method, failures, gm
-        graph.warnings.append(f"trace by {method} took {time.perf_counter() - start:.2f} s")
         return graph
     reasons = "; ".join(f"{k}: {v}" for k, v in failures.items())
     raise CaptureError(
@@ -177,6 +181,8 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[str] = []
         self.op = ""
         self.tensor_unit: dict[int, str] = {}
+        self.rank: dict[str, int] = {}
+        """Unit -> position in the order of first call."""
         self.keep: list[torch.Tensor] = []  # keeps ids unique while the run lasts
         self.param_storages: set[int] = set()
         self.seen_storages: set[int] = set()
@@ -187,7 +193,8 @@ class _Recorder(TorchFunctionMode):
             return
         self.stack.append(fqn)
         unit = self.layout.unit_of_stack(self.stack)
-        if unit is not None and unit not in self.m.order:
+        if unit is not None and unit not in self.rank:
+            self.rank[unit] = len(self.m.order)
             self.m.order.append(unit)
         if unit is not None:
             self.m.events[unit].append(structure.Event(kind="module", name=fqn, stack=tuple(self.stack), info={}))
@@ -219,12 +226,11 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def _flow(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-        order = {u: i for i, u in enumerate(self.m.order)}
         unit = self.layout.unit_of_stack(self.stack)
         in_units = [self.tensor_unit.get(id(t)) for t in ins]
         if unit is None:
             known = [u for u in in_units if u is not None]
-            unit = max(known, key=order.__getitem__) if known else None
+            unit = max(known, key=self.rank.__getitem__) if known else None
         if unit is None:
             return
         for t, u in zip(ins, in_units):
@@ -323,9 +329,9 @@ def _by_fqn(counter: FlopCounterMode, module: nn.Module) -> dict[str, dict[str, 
     root = type(module).__name__
     out: dict[str, dict[str, int]] = {}
     for name, ops in counter.get_flop_counts().items():
-        if name == "Global":
-            continue
-        fqn = "" if name == root else name.removeprefix(root + ".")
+        if name == root:
+            continue  # the root's backward is missed when its output is not a pytree: use Global
+        fqn = "" if name == "Global" else name.removeprefix(root + ".")
         out[fqn] = {str(op): int(v) for op, v in ops.items()}
     return out
 
