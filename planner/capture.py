@@ -233,7 +233,7 @@ class _Recorder(TorchFunctionMode):
             unit = max(known, key=self.rank.__getitem__) if known else None
         if unit is None:
             return
-        for t, u in zip(ins, in_units):
+        for t, u in zip(ins, in_units, strict=True):
             if u is not None and u != unit:
                 self.m.flow.append((u, unit, id(t), t.requires_grad))
         for t in outs:

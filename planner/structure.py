@@ -52,7 +52,7 @@ def find_block_container(model: nn.Module) -> tuple[str, list[str]] | None:
         by_class: dict[type, list[str]] = {}
         for name, child in mod.named_children():
             by_class.setdefault(type(child), []).append(name)
-        for cls, names in by_class.items():
+        for names in by_class.values():
             if len(names) < 2:
                 continue
             weight = sum(param_count(mod.get_submodule(n)) for n in names)
@@ -193,7 +193,7 @@ def mlp_info(model: nn.Module, linears: list[str], hidden: int) -> MLPInfo | Non
     row = [n for n in linears if n not in column and model.get_submodule(n).out_features == hidden]
     parts = [n.split(".") for n in linears]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):
         if len(set(level)) != 1:
             break
         common.append(level[0])

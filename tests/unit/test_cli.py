@@ -1,0 +1,192 @@
+"""The `plan` command end to end, in a subprocess: JSON contract, published sizes, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+TOY = Path(__file__).with_name("toy_models.py")
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoshard.planner.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def inspect_json(model: Path) -> tuple[dict, float, int]:
+    """The --inspect --json object, wall time, and the child's peak RSS in bytes (Linux ru_maxrss is KiB)."""
+    start = time.perf_counter()
+    code = ("import resource, sys; from autoshard.planner.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nfinally:\n"
+            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, str(model), "--inspect", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    rss_kib = int(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout), elapsed, rss_kib * 1024
+
+
+def test_inspect_json_contract(specs):
+    out = plan(specs / "tiny_llama.yaml", "--inspect", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)  # stdout is exactly one JSON object
+    assert isinstance(d["params"], int) and d["params"] == 205_376
+    assert d["blocks"] == 4 and d["capture_method"] == "fx"
+    assert d["flops_per_token"] > 6 * d["params"] * 0.5
+    assert d["cut_points"][0] == "tok_embeddings|layers.0"
+
+
+def test_inspect_text(specs):
+    out = plan(specs / "tiny_moe.yaml", "--inspect")
+    assert out.returncode == 0, out.stderr
+    for needle in ("capture      fx", "pipeline cuts", "MoE          4 experts, top-2, 1 shared", "x3"):
+        assert needle in out.stdout
+
+
+@pytest.mark.parametrize(("spec", "published"), [
+    ("llama3_405b.yaml", 405.85e9),  # Llama 3 paper / model card
+    ("mixtral_8x7b.yaml", 46.70e9),  # Mistral AI, Mixtral of Experts (arXiv:2401.04088)
+])
+def test_published_sizes_from_spec(specs, spec, published):
+    d, elapsed, rss = inspect_json(specs / spec)
+    print(f"{spec}: {d['params']:.4e} params, {elapsed:.1f} s, peak RSS {rss / 2**30:.2f} GiB")
+    assert abs(d["params"] / published - 1) < 0.005
+    assert rss < 2 * 2**30  # a 405B model is captured without its weights
+
+
+@pytest.mark.parametrize(("folder", "published", "blocks"), [
+    ("llama31_405b", 405.85e9, 126),
+    ("mixtral_8x7b", 46.70e9, 32),
+])
+def test_published_sizes_from_hf_config(hf_configs, folder, published, blocks):
+    d, elapsed, rss = inspect_json(hf_configs / folder)
+    print(f"{folder}: {d['params']:.4e} params, {elapsed:.1f} s, peak RSS {rss / 2**30:.2f} GiB")
+    assert abs(d["params"] / published - 1) < 0.005
+    assert d["blocks"] == blocks
+    assert d["capture_method"] == "export" and "fx" in d["capture_failures"]
+
+
+def test_hf_tiny_llama_structure(hf_configs):
+    out = plan(hf_configs / "tiny_llama" / "config.json", "--inspect", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    block = next(u for u in d["units"] if u["kind"] == "block")
+    assert block["attention"]["heads"] == 4 and block["attention"]["kv_heads"] == 2
+    assert [n.rsplit(".", 1)[1] for n in block["attention"]["column"]] == ["q_proj", "k_proj", "v_proj"]
+    assert [n.rsplit(".", 1)[1] for n in block["mlp"]["row"]] == ["down_proj"]
+
+
+# ------------------------------------------------------------------ bad input: exit 2, one paragraph
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def assert_user_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ")
+    assert out.stdout == ""
+    for needle in needles:
+        assert needle in out.stderr.replace("\n", " "), out.stderr
+
+
+def test_missing_file(tmp_path):
+    assert_user_error(plan(tmp_path / "nope.py", "--inspect"), "no such file", "build_model()")
+
+
+def test_unknown_extension(tmp_path):
+    assert_user_error(plan(write(tmp_path, "model.txt", "x"), "--inspect"), "unknown kind", "spec .yaml")
+
+
+def test_model_py_without_build_model(tmp_path):
+    path = write(tmp_path, "model.py", "import torch\n")
+    assert_user_error(plan(path, "--inspect"), "no build_model()")
+
+
+def test_model_py_that_raises_on_import(tmp_path):
+    path = write(tmp_path, "model.py", "raise RuntimeError('boom at import')\n")
+    assert_user_error(plan(path, "--inspect"), "boom at import")
+
+
+def test_build_model_that_raises(tmp_path):
+    path = write(tmp_path, "model.py", """
+        def build_model():
+            raise ValueError("checkpoint not found")
+    """)
+    assert_user_error(plan(path, "--inspect"), "build_model() raised", "checkpoint not found")
+
+
+def test_model_that_reads_values_on_meta(tmp_path):
+    path = write(tmp_path, "model.py", f"""
+        import sys
+        sys.path.insert(0, {str(TOY.parent)!r})
+        from toy_models import ValueBranchStack
+        def build_model():
+            return ValueBranchStack()
+    """)
+    assert_user_error(plan(path, "--inspect"), "meta device", ".item()")
+
+
+def test_model_py_with_example_inputs(tmp_path):
+    path = write(tmp_path, "model.py", f"""
+        import sys, torch
+        sys.path.insert(0, {str(TOY.parent)!r})
+        from toy_models import MLPStack
+        def build_model():
+            return MLPStack(vocab=100, h=16, layers=2)
+        def example_inputs(micro_batch, seq_len):
+            return torch.randint(0, 100, (micro_batch, seq_len))
+    """)
+    out = plan(path, "--inspect", "--json", "--seq-len", "8", "--micro-batch", "2")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["blocks"] == 2 and d["micro_batch"] == 2 and d["seq_len"] == 8
+
+
+BASE = {"name": "t", "layers": 2, "hidden": 64, "ffn_hidden": 128, "heads": 4, "kv_heads": 2, "vocab": 100}
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"hidden": 66}, "hidden"),                     # not divisible by heads
+    ({"kv_heads": 3}, "kv_heads"),                  # does not divide heads
+    ({"layers": -2}, "layers"),                     # negative size
+    ({"vocab": None}, "vocab"),                     # missing required field
+    ({"moe": {"experts": 4, "top_k": 8, "expert_ffn_hidden": 32}}, "top_k"),
+    ({"hidden": "big"}, "hidden"),                  # wrong type
+])
+def test_bad_spec(tmp_path, change, needle):
+    import yaml
+
+    model = {**BASE, **change}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    assert_user_error(plan(path, "--inspect"), needle, "spec.yaml")
+
+
+def test_spec_that_is_not_yaml(tmp_path):
+    out = plan(write(tmp_path, "spec.yaml", "model: [unclosed\n"), "--inspect")
+    assert_user_error(out, "spec.yaml")
+
+
+def test_bad_flag_value(specs):
+    assert_user_error(plan(specs / "tiny_llama.yaml", "--inspect", "--micro-batch", "0"), "--micro-batch")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = plan(tmp_path / "nope.py", "--inspect", "--debug")
+    assert out.returncode == 2 and "Traceback" in out.stderr
+
+
+def test_planning_without_inspect_says_what_works(specs):
+    assert_user_error(plan(specs / "tiny_llama.yaml"), "--inspect")
