@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/plan examples/specs/llama3_8b.yaml --inspect
+	$(VENV)/bin/plan examples/models/gpt2_small.py --inspect
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
