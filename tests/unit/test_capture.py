@@ -176,3 +176,17 @@ def test_asdict_roundtrip_is_plain_data(specs):
     assert "gm" not in d and d["capture_method"] == "fx"
     assert dataclasses.is_dataclass(g.units[0])
     assert g.blocks[0].attention.kv_heads == g.blocks[0].attention.heads  # GPT style: MHA
+
+
+def test_gpt_block_matches_korthikanti_outside_the_core(specs):
+    """Korthikanti et al. (arXiv:2205.05198) Sec. 4.1 count, 16-bit, no dropout, outside the attention core:
+    LayerNorm inputs 4sbh, QKV input 2sbh, projection input 2sbh, MLP 2sbh + 8sbh (GeLU input) + 8sbh = 26sbh.
+    The two LayerNorms also keep mean and rstd in fp32 (2 x 2 x sb x 4 bytes), which the paper ignores."""
+    b, s, h = 2, 32, 64
+    g = capture(specs / "tiny_gpt.yaml", b, s)
+    t = b * s
+    block = g.blocks[0]
+    assert block.saved_bytes - block.attention.core_saved_bytes == 26 * t * h + 16 * t
+    # the core on meta runs SDPA's math kernel in fp32: q, k, v and the s x s probabilities
+    heads = block.attention.heads
+    assert block.attention.core_saved_bytes == 4 * (3 * t * h) + 4 * b * heads * s * s
