@@ -9,6 +9,9 @@ import textwrap
 import traceback
 from collections.abc import Sequence
 
+from autoshard.cost_models.layout import PRECISIONS
+from autoshard.hardware_profiles import profile_names
+
 from .errors import UserError
 from .model_graph import ModelGraph
 
@@ -21,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model.py with build_model(), an architecture spec .yaml, "
                                  "or a Hugging Face config.json / model folder")
     p.add_argument("--inspect", action="store_true", help="print the captured model instead of planning")
+    p.add_argument("--gpus", type=int, help="number of GPUs")
+    p.add_argument("--profile", help=f"hardware profile: {', '.join(profile_names())}, or a profile .yaml")
+    p.add_argument("--gpu-memory-gib", type=float, help="override the profile's GPU memory (e.g. 96 for H100 96GB)")
+    p.add_argument("--layout", help="tp=8,pp=4,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective[,schedule=..]")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the spec's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="matmul precision (default: the spec's, else bf16)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch for the capture")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -52,18 +61,24 @@ def _fail(message: str, code: int, debug: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .capture import capture
-
-    for name in ("micro_batch", "seq_len"):
+    for name in ("micro_batch", "seq_len", "gpus", "global_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    if not args.inspect:
-        raise UserError(
-            "planning a layout is not available yet in this version; use --inspect to see the captured "
-            "model (blocks, parameters, FLOPs, activations, pipeline cut points)."
-        )
-    graph = capture(args.model, args.micro_batch, args.seq_len)
+    if args.inspect:
+        return _inspect(args)
+    if args.gpus is None or args.profile is None:
+        raise UserError("give --gpus N and --profile NAME to plan (with a full --layout to estimate it), or "
+                        "--inspect to see the captured model.")
+    from .estimate_cmd import run_estimate
+
+    return run_estimate(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .capture import capture
+
+    graph = capture(args.model, args.micro_batch or 1, args.seq_len)
     for w in graph.warnings:
         print(f"note: {w}", file=sys.stderr)
     if args.json:

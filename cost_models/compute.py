@@ -1,0 +1,69 @@
+"""Compute time of one unit for one micro-batch on one GPU.
+
+time = GEMM FLOPs / (peak(dtype) x efficiency(GEMM size))        (Calculon, Isaev et al. SC'23: per-op
+     + attention FLOPs / (bf16 peak x attention efficiency)        efficiency by size; attention fused)
+     + elementwise HBM traffic / HBM bandwidth                     (norms, activations, rope: memory bound)
+Backward: GEMMs twice the forward (data and weight gradients); fused attention 2.5x (FlashAttention-2,
+arXiv:2307.08691: 5 matmuls backward against 2 forward); elementwise twice.
+FP8 speeds up only the GEMMs; attention and elementwise ops stay in 16 bits.
+Recompute: full repeats the whole forward in the backward; selective repeats the attention core
+(Korthikanti et al., arXiv:2205.05198, Sec. 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoshard.hardware_profiles import Profile
+
+from .work import UnitWork
+
+GEMM_BWD_FACTOR = 2.0
+ATTN_BWD_FACTOR = 2.5
+ELEMENTWISE_BWD_FACTOR = 2.0
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ComputeTime:
+    fwd_s: float
+    bwd_s: float
+    """Backward including any recomputed forward."""
+    recompute_s: float
+    """Of bwd_s, the recomputed forward."""
+    attn_fwd_s: float
+    """Forward time of the attention core alone (context-parallel exchange hides behind it)."""
+
+
+def gemm_efficiency(flops_per_gemm: float, profile: Profile) -> float:
+    """Fraction of peak a GEMM of this many FLOPs reaches: eff_max * f / (f + f_half) (saturating)."""
+    return profile.gemm_efficiency_max * flops_per_gemm / (flops_per_gemm + profile.gemm_half_flops)
+
+
+def gemm_time(flops: float, calls: int, precision: str, profile: Profile) -> float:
+    if flops <= 0:
+        return 0.0
+    return flops / (profile.peak_flops(precision) * gemm_efficiency(flops / calls, profile))
+
+
+def unit_compute(
+    work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile
+) -> ComputeTime:
+    """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
+
+    TP splits every GEMM and the attention heads; CP splits the tokens (attention per rank sees its
+    queries against all keys, so causal-balanced CP divides attention FLOPs by cp too).
+    """
+    shard = tp * cp
+    gemm_f = gemm_time(work.gemm_flops * tokens / shard, work.gemm_calls, precision, profile)
+    attn_f = work.attn_flops * tokens / shard / (profile.bf16_flops_per_s * profile.attention_efficiency)
+    elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
+    fwd = gemm_f + attn_f + elem_f
+    bwd = GEMM_BWD_FACTOR * gemm_f + ATTN_BWD_FACTOR * attn_f + ELEMENTWISE_BWD_FACTOR * elem_f
+    redo = {"none": 0.0, "selective": attn_f, "full": fwd}[recompute] if work.kind == "block" else 0.0
+    return ComputeTime(fwd_s=fwd, bwd_s=bwd + redo, recompute_s=redo, attn_fwd_s=attn_f)
+
+
+def optimizer_time(params_per_gpu: float, profile: Profile) -> float:
+    """AdamW with fp32 master weights is memory bound: it reads master weight, gradient and both moments
+    (16 B) and writes master weight, moments (12 B) and the 16-bit weight (2 B): 30 B per parameter."""
+    return 30.0 * params_per_gpu / profile.hbm_bw_bytes_per_s

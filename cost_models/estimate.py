@@ -1,0 +1,290 @@
+"""Step time and peak memory of a layout: the one entry point the planner calls.
+
+step = m x slowest stage + (p-1)/v x mean stage          (pipeline, Narayanan et al. SC'21)
+     + exposed data-parallel communication + optimizer step
+stage (one micro-batch) = forward + backward compute (+ recompute)
+     + TP/SP collectives + EP all-to-alls + exposed CP exchange + PP sends (+ exposed ZeRO-3 traffic)
+
+Which communication hides behind compute (COST_MODEL_NOTES.md, item 5):
+- TP/SP and EP collectives sit between dependent kernels: exposed.
+- The CP ring exchange of keys and values overlaps the attention of the previous chunk: exposed beyond it.
+- ZeRO-3 gathers and reduce-scatters are prefetched under the micro-batch's compute: exposed beyond it,
+  and the overlapped compute runs `overlap_slowdown` slower.
+- DP gradient reduction overlaps the last micro-batch's backward; ZeRO-1/2's parameter all-gather after the
+  optimizer step is exposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoshard.hardware_profiles import Profile
+from autoshard.planner.model_graph import ModelGraph
+
+from . import communication as comm
+from . import memory, pipeline
+from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
+from .layout import Layout, Training
+from .work import ACT_BYTES, UnitWork, model_work
+
+
+@dataclass(kw_only=True, slots=True)
+class Estimate:
+    """Predicted step time and memory of one layout."""
+
+    layout: Layout
+    training: Training
+    profile: str
+    step_time_s: float
+    tokens_per_sec_per_gpu: float
+    mfu: float
+    """Model FLOPs (captured forward + backward, no recompute) / (time x GPUs x bf16 peak)."""
+    hfu: float
+    """As mfu, with recomputed FLOPs counted."""
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    micro_batches: int
+    peak_stage: int
+    stage_times_s: list[float]
+    time_breakdown: dict[str, float] = field(default_factory=dict)
+    """Seconds per step: compute, recompute, bubble and each exposed communication."""
+    memory_breakdown: dict[str, float] = field(default_factory=dict)
+    """Bytes on the peak stage's GPU by kind."""
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.memory_capacity_bytes
+
+    def predicted(self) -> dict[str, Any]:
+        """The `predicted` object of the CLI's JSON (ARCHITECTURE.md)."""
+        gib = 2**30
+        return {
+            "step_time_s": self.step_time_s,
+            "tokens_per_sec_per_gpu": self.tokens_per_sec_per_gpu,
+            "mfu": self.mfu,
+            "hfu": self.hfu,
+            "peak_memory_gib": self.peak_memory_bytes / gib,
+            "memory_capacity_gib": self.memory_capacity_bytes / gib,
+            "fits": self.fits,
+            "micro_batches": self.micro_batches,
+            "time_breakdown_s": dict(self.time_breakdown),
+            "memory_breakdown_gib": {k: v / gib for k, v in self.memory_breakdown.items()},
+        }
+
+
+@dataclass(kw_only=True, slots=True)
+class _Stage:
+    units: list[UnitWork] = field(default_factory=list)
+    chunks: int = 0
+
+
+def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile) -> Estimate:
+    """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`."""
+    check(graph, layout, training)
+    m = training.global_batch // (layout.dp * layout.mbs)
+    tokens = layout.mbs * training.seq_len
+    stages = assign_stages(model_work(graph), layout)
+    groups = comm.layout_groups(layout)
+    parts = [_stage_time(s, layout, training, profile, groups, tokens) for s in stages]
+    stage_times = [sum(p.values()) for p in parts]
+    pipe = pipeline.step_time(stage_times, m, layout.vpp)
+    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups)
+    step = pipe + dp_exposed + opt
+    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, profile) for i, s in enumerate(stages)]
+    peak = max(range(len(mems)), key=lambda i: mems[i].total)
+    gpus = layout.gpus
+    model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
+    recompute_flops = _recompute_flops(graph, layout) * training.tokens
+    peak_flops = profile.bf16_flops_per_s * gpus * step
+    slowest = max(range(len(parts)), key=lambda i: stage_times[i])
+    breakdown = {k: v * m for k, v in parts[slowest].items()}
+    breakdown["bubble"] = pipe - m * stage_times[slowest]
+    breakdown["dp_exposed"] = dp_exposed
+    breakdown["optimizer"] = opt
+    return Estimate(
+        layout=layout, training=training, profile=profile.name,
+        step_time_s=step,
+        tokens_per_sec_per_gpu=training.tokens / step / gpus,
+        mfu=model_flops / peak_flops,
+        hfu=(model_flops + recompute_flops) / peak_flops,
+        peak_memory_bytes=mems[peak].total,
+        memory_capacity_bytes=profile.hbm_bytes,
+        micro_batches=m, peak_stage=peak, stage_times_s=stage_times,
+        time_breakdown=breakdown,
+        memory_breakdown={k: v for k, v in _mem_dict(mems[peak]).items() if v},
+    )
+
+
+def check(graph: ModelGraph, layout: Layout, training: Training) -> None:
+    """Reject layouts that cannot run on this model, naming every factor."""
+    if graph.seq_len != training.seq_len:
+        raise ValueError(f"the model was captured at seq_len {graph.seq_len}, the training uses {training.seq_len}")
+    if training.global_batch % (layout.dp * layout.mbs):
+        raise ValueError(f"global batch {training.global_batch} is not divisible by dp({layout.dp}) x "
+                         f"micro-batch({layout.mbs}) = {layout.dp * layout.mbs}")
+    blocks = graph.blocks
+    if layout.pp * layout.vpp > len(blocks):
+        raise ValueError(f"pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} model chunks exceed "
+                         f"the {len(blocks)} blocks")
+    attn = next((b.attention for b in blocks if b.attention), None)
+    if attn is not None and attn.heads % layout.tp:
+        raise ValueError(f"tp({layout.tp}) does not divide the {attn.heads} attention heads")
+    if training.seq_len % (2 * layout.cp) and layout.cp > 1:
+        raise ValueError(f"seq_len {training.seq_len} is not divisible by 2 x cp({layout.cp}) "
+                         "(causal load balancing gives each CP rank two chunks)")
+    moe = next((b.moe for b in blocks if b.moe), None)
+    if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
+        have = f"{moe.num_experts} experts" if moe else "no experts"
+        raise ValueError(f"ep({layout.ep}) must divide the number of experts; the model has {have}")
+
+
+def assign_stages(work: list[UnitWork], layout: Layout) -> list[_Stage]:
+    """Blocks split evenly over pp x vpp chunks (chunk c on stage c mod pp); units before the first block
+    join the first chunk, units after the last block the last chunk."""
+    block_idx = [i for i, w in enumerate(work) if w.kind == "block"]
+    first, last = block_idx[0], block_idx[-1]
+    chunks = layout.pp * layout.vpp
+    sizes = pipeline.split_blocks(len(block_idx), chunks)
+    stages = [_Stage() for _ in range(layout.pp)]
+    start = 0
+    for c, size in enumerate(sizes):
+        units = work[first + start: first + start + size]
+        if c == 0:
+            units = work[:first] + units
+        if c == chunks - 1:
+            units = units + work[last + 1:]
+        stages[c % layout.pp].units.extend(units)
+        stages[c % layout.pp].chunks += 1
+        start += size
+    return stages
+
+
+def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Profile,
+                groups: dict[str, comm.Group], tokens: float) -> dict[str, float]:
+    """Seconds one micro-batch spends on this stage, by kind."""
+    tp, cp, sp = layout.tp, layout.cp, layout.sp
+    out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
+    hidden_bytes = tokens / cp * _hidden(stage) * ACT_BYTES
+    for w in stage.units:
+        t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision,
+                         recompute=layout.recompute, profile=profile)
+        out["compute"] += t.fwd_s + t.bwd_s - t.recompute_s
+        out["recompute"] += t.recompute_s
+        out["tp_comm"] += _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
+        if w.moe_top_k and layout.ep > 1:
+            # dispatch and combine, forward and backward (Megatron-Core token dispatcher)
+            sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k
+            out["ep_comm"] += 4 * comm.all_to_all(sent, groups["ep"], profile)
+        if w.kv_bytes and cp > 1:
+            # ring attention: cp-1 steps of the local keys/values forward, keys/values and their grads back
+            kv = tokens / cp * w.kv_bytes / tp
+            ring = (cp - 1) * comm.p2p(kv, groups["cp"], profile)
+            out["cp_exposed"] += max(0.0, ring - t.attn_fwd_s) + max(0.0, 2 * ring - ATTN_BWD_FACTOR * t.attn_fwd_s)
+    if layout.pp > 1:
+        boundary = hidden_bytes / (tp if sp else 1)
+        out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
+    if layout.zero == 3:
+        out["zero3_exposed"] = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"])
+    return out
+
+
+def _hidden(stage: _Stage) -> int:
+    """Hidden size from a block's input bytes (16-bit activations)."""
+    return int(max((w.input_bytes for w in stage.units), default=0) // ACT_BYTES)
+
+
+def _tp_comm(w: UnitWork, hidden_bytes: float, layout: Layout, profile: Profile, group: comm.Group) -> float:
+    """Megatron TP per block: with SP, forward all-gather + reduce-scatter around attention and MLP (4),
+    backward the same (4) plus the all-gathers redone for weight gradients (2); without SP, two
+    all-reduces forward and two backward (Korthikanti et al., Sec. 4.2.2). Embedding and head: vocab-
+    parallel, one collective each way."""
+    if layout.tp == 1:
+        return 0.0
+    if w.kind == "block":
+        if layout.sp:
+            return 10 * comm.all_gather(hidden_bytes, group, profile)
+        return 4 * comm.all_reduce(hidden_bytes, group, profile)
+    if w.kind in ("embedding", "head"):
+        one = comm.all_gather if layout.sp else comm.all_reduce
+        return 2 * one(hidden_bytes, group, profile)
+    return 0.0
+
+
+def _stage_params(stage: _Stage, layout: Layout) -> tuple[float, float]:
+    """(dense, expert) parameters on one GPU of this stage."""
+    dense = sum(w.dense_params for w in stage.units) / layout.tp
+    expert = sum(w.expert_params for w in stage.units) / (layout.tp * layout.ep)
+    return dense, expert
+
+
+def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
+                   compute: float) -> float:
+    """FSDP per micro-batch: all-gather 16-bit weights for forward and again for backward, reduce-scatter
+    fp32 gradients (ZeRO paper Sec. 7.2.2: 1.5x the DP volume); prefetched under compute."""
+    dense, expert = _stage_params(stage, layout)
+    t = 0.0
+    for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
+        t += 2 * comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
+        t += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
+    hidden = min(t, compute)
+    return max(0.0, t - compute) + (profile.overlap_slowdown - 1) * hidden
+
+
+def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,
+                   groups: dict[str, comm.Group]) -> tuple[float, float]:
+    """(exposed DP communication, optimizer step) in seconds, the slowest stage's."""
+    exposed, opt = 0.0, 0.0
+    for stage, part in zip(stages, parts, strict=True):
+        dense, expert = _stage_params(stage, layout)
+        shards = [(dense, groups["dp_cp"]), (expert, groups["edp"])]
+        t_grad = t_gather = 0.0
+        if layout.zero < 3:
+            for params, group in shards:
+                if layout.zero == 0:
+                    t_grad += comm.all_reduce(params * memory.GRAD_BYTES, group, profile)
+                else:
+                    t_grad += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
+                    t_gather += comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
+        last_backward = part["compute"] * 2 / 3
+        exposed = max(exposed, max(0.0, t_grad - last_backward) + t_gather)
+        sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
+        opt = max(opt, optimizer_time(sharded, profile))
+    return exposed, opt
+
+
+def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int, tokens: float,
+                  profile: Profile) -> memory.StageMemory:
+    mem = memory.StageMemory()
+    dense, expert = _stage_params(stage, layout)
+    for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
+        w, g, o = memory.model_states(params, zero=layout.zero, shards=shards)
+        mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
+    held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
+    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp}
+    per_mb = sum(memory.block_activations(w, recompute=layout.recompute, **kw) for w in stage.units)
+    mem.activations = held * per_mb
+    if layout.recompute == "full":
+        mem.activations += max((memory.working_activations(w, **kw) for w in stage.units), default=0.0)
+    if any(w.kind == "head" for w in stage.units):
+        mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp)
+    if layout.zero == 3:
+        biggest = max((w.dense_params + w.expert_params / layout.ep for w in stage.units), default=0) / layout.tp
+        # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads
+        mem.buffers = biggest * (2 * memory.WEIGHT_BYTES + memory.GRAD_BYTES)
+    mem.reserve = memory.ALLOCATOR_RESERVE * mem.total
+    return mem
+
+
+def _mem_dict(mem: memory.StageMemory) -> dict[str, float]:
+    return {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
+            "activations": mem.activations, "logits": mem.logits, "buffers": mem.buffers, "reserve": mem.reserve}
+
+
+def _recompute_flops(graph: ModelGraph, layout: Layout) -> float:
+    """Recomputed forward FLOPs per token."""
+    if layout.recompute == "full":
+        return sum(b.fwd_flops for b in graph.blocks) / graph.tokens
+    if layout.recompute == "selective":
+        return sum(b.attention.core_fwd_flops for b in graph.blocks if b.attention) / graph.tokens
+    return 0.0

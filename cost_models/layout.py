@@ -1,0 +1,144 @@
+"""Layout and training settings: what the cost model prices and the planner chooses.
+
+The layout string (ARCHITECTURE.md) is `tp=8,pp=16,vpp=2,cp=1,ep=1,dp=64,zero=1,mbs=1,recompute=selective,
+schedule=interleaved_1f1b`; any subset parses to a `PartialLayout`, all degrees to a `Layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+PRECISIONS = ("bf16", "fp8")
+_INT_KEYS = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs")
+_ALIASES = {"micro_batch": "mbs", "sp": "sequence_parallel"}
+LAYOUT_KEYS = _INT_KEYS + ("recompute", "schedule", "sequence_parallel")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Layout:
+    """A complete parallel layout. Rank order: TP innermost, then CP, DP (EP inside DP x CP), PP outermost."""
+
+    tp: int = 1
+    """Tensor-parallel degree (within one NVLink domain)."""
+    pp: int = 1
+    """Pipeline stages."""
+    vpp: int = 1
+    """Interleaved model chunks per pipeline rank."""
+    cp: int = 1
+    """Context-parallel degree: the sequence is split over cp ranks."""
+    ep: int = 1
+    """Expert-parallel degree; divides dp x cp (experts are sharded inside the data-parallel ranks)."""
+    dp: int = 1
+    """Data-parallel replicas of the dense part."""
+    zero: int = 1
+    """ZeRO stage: 0 plain DP, 1 optimizer state sharded, 2 + gradients, 3 + parameters (FSDP)."""
+    mbs: int = 1
+    """Micro-batch size in sequences."""
+    recompute: str = "none"
+    """Activation recomputation: none, selective (attention core) or full (whole block)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b, interleaved_1f1b or gpipe."""
+    sequence_parallel: bool = True
+    """Megatron sequence parallelism for the norms and dropout between TP regions (when tp > 1)."""
+
+    def __post_init__(self) -> None:
+        for key in _INT_KEYS:
+            value = getattr(self, key)
+            low = 0 if key == "zero" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"layout {key} must be an integer >= {low}, got {value!r}")
+        if self.zero > 3:
+            raise ValueError(f"layout zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"layout recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"layout schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.vpp > 1 and self.schedule != "interleaved_1f1b":
+            raise ValueError(f"vpp={self.vpp} needs schedule=interleaved_1f1b, got {self.schedule}")
+        if (self.dp * self.cp) % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide dp x cp ({self.dp} x {self.cp} = {self.dp * self.cp})")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    def to_string(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in _INT_KEYS]
+        parts += [f"recompute={self.recompute}", f"schedule={self.schedule}"]
+        if not self.sequence_parallel:
+            parts.append("sequence_parallel=false")
+        return ",".join(parts)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Training:
+    """What one optimizer step processes."""
+
+    global_batch: int
+    """Sequences per optimizer step."""
+    seq_len: int
+    precision: str = "bf16"
+    """Matmul precision: bf16, or fp8 (matmuls only; attention, norms and communication stay bf16)."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1 or self.seq_len < 1:
+            raise ValueError(f"global batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def parse_layout(text: str) -> dict[str, Any]:
+    """`tp=8,pp=4,recompute=full` -> {'tp': 8, 'pp': 4, 'recompute': 'full'}; unknown keys are an error."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = _ALIASES.get(key.strip(), key.strip())
+        if not sep or key not in LAYOUT_KEYS:
+            raise ValueError(f"layout item {item!r}: expected key=value with key one of {', '.join(LAYOUT_KEYS)}")
+        out[key] = _value(key, value.strip())
+    if out.get("vpp", 1) > 1 and "schedule" not in out:
+        out["schedule"] = "interleaved_1f1b"
+    return out
+
+
+def _value(key: str, value: str) -> Any:
+    if key in _INT_KEYS:
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"layout {key} must be an integer, got {value!r}") from None
+    if key == "sequence_parallel":
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"layout sequence_parallel must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return value
+
+
+def complete(partial: dict[str, Any], gpus: int) -> Layout:
+    """A Layout from explicit keys; dp takes the remaining GPUs when not given. Raises when keys are missing
+    that only the planner can choose (nothing is, today: unspecified degrees default to 1)."""
+    fields = {f.name for f in dataclasses.fields(Layout)}
+    kwargs = {k: v for k, v in partial.items() if k in fields}
+    if "dp" not in kwargs:
+        other = kwargs.get("tp", 1) * kwargs.get("pp", 1) * kwargs.get("cp", 1)
+        if gpus % other:
+            raise ValueError(f"tp x pp x cp = {other} does not divide the {gpus} GPUs")
+        kwargs["dp"] = gpus // other
+    layout = Layout(**kwargs)
+    if layout.gpus != gpus:
+        raise ValueError(
+            f"tp({layout.tp}) x pp({layout.pp}) x cp({layout.cp}) x dp({layout.dp}) = {layout.gpus} != {gpus} GPUs"
+        )
+    return layout

@@ -1,0 +1,82 @@
+"""Memory per GPU: model states by ZeRO stage, activations by schedule and recompute, and buffers.
+
+Model states with Adam in mixed precision (ZeRO, Rajbhandari et al., arXiv:1910.02054, Sec. 3.1):
+16-bit weights (2 B) + gradients + fp32 master weights, momentum and variance (K = 12 B) per parameter.
+ZeRO-1 shards the optimizer state over the N_d data-parallel ranks, ZeRO-2 the gradients too, ZeRO-3 the
+weights too: 2+2+12 = 16 Psi; 4 Psi + 12 Psi/N_d; 2 Psi + 14 Psi/N_d; 16 Psi/N_d (paper's Fig. 1 with 2-byte
+gradients). Megatron-LM and FSDP keep gradients in fp32 (4 B), the default here.
+
+Activations are the captured bytes saved for backward (see work.py), split by TP with sequence parallelism
+(all of them) or without it (all but about 10 sbh bytes of norm and linear inputs, which every TP rank
+keeps: Korthikanti et al., arXiv:2205.05198, Table 2: sbh(10 + 24/t)) and by CP (tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .work import UnitWork
+
+WEIGHT_BYTES = 2
+GRAD_BYTES = 4
+OPTIMIZER_BYTES = 12
+LOGIT_BYTES = 8
+"""fp32 logits and their fp32 gradient in the loss (Megatron's vocab-parallel cross-entropy)."""
+REPLICATED_INPUTS = 5
+"""Without SP, each TP rank keeps ~10 sbh bytes = 5 x the block input (2 sbh bytes): Korthikanti Table 2."""
+ALLOCATOR_RESERVE = 0.05
+"""PyTorch's caching allocator holds more than it hands out (fragmentation); sources report the reserved peak."""
+
+
+@dataclass(kw_only=True, slots=True)
+class StageMemory:
+    """Peak bytes on one GPU of one pipeline stage, by kind."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    logits: float = 0.0
+    buffers: float = 0.0
+    reserve: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
+                + self.buffers + self.reserve)
+
+
+def model_states(params: float, *, zero: int, shards: int, weight_bytes: float = WEIGHT_BYTES,
+                 grad_bytes: float = GRAD_BYTES, optimizer_bytes: float = OPTIMIZER_BYTES) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes on one GPU holding `params` parameters, sharded over `shards`."""
+    w, g, o = params * weight_bytes, params * grad_bytes, params * optimizer_bytes
+    if zero >= 1:
+        o /= shards
+    if zero >= 2:
+        g /= shards
+    if zero >= 3:
+        w /= shards
+    return w, g, o
+
+
+def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, recompute: str) -> float:
+    """Bytes one micro-batch leaves saved in this unit until its backward (on one GPU)."""
+    if recompute == "full" and work.kind == "block":
+        return work.input_bytes * tokens / cp / (tp if sp else 1)
+    act = work.act_bytes - (work.core_bytes if recompute == "selective" else 0.0)
+    if tp > 1 and not sp:
+        kept = min(act, REPLICATED_INPUTS * work.input_bytes)
+        act = (act - kept) / tp + kept
+    else:
+        act /= tp
+    return act * tokens / cp
+
+
+def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool) -> float:
+    """Full recompute rebuilds one block's activations at a time during the backward."""
+    return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none")
+
+
+def logits_bytes(tokens: float, vocab: int, *, tp: int, cp: int) -> float:
+    return tokens / cp * vocab / tp * LOGIT_BYTES

@@ -1,0 +1,91 @@
+"""What each unit of a captured model costs per token, before any parallelism.
+
+The capture runs on meta, where SDPA takes its math path: fp32 copies of q, k, v, the s x s
+probabilities, and a FLOP count of the full (non-causal) score matrix. Training runs a fused kernel
+instead, so the attention core is re-priced here:
+- FLOPs: causal FlashAttention computes half the score matrix (Dao, arXiv:2307.08691, Sec. 3.1).
+- saved bytes: q, k, v and the output in 16 bits plus the fp32 log-sum-exp per head (FlashAttention-2
+  keeps only these for its backward).
+Everything else is the model's own measured number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoshard.planner.model_graph import ModelGraph, Unit
+
+ACT_BYTES = 2
+"""Activation element size in 16-bit training."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class UnitWork:
+    """Per-token costs of one unit, unsharded, at the captured sequence length."""
+
+    name: str
+    kind: str
+    gemm_flops: float
+    """Forward FLOPs of linears (router and experts included, balanced routing)."""
+    gemm_calls: int
+    """GEMM launches per forward, to size the average GEMM (small GEMMs run below peak)."""
+    attn_flops: float
+    """Forward FLOPs of the causal attention core under a fused kernel."""
+    act_bytes: float
+    """Bytes saved for backward, the attention core priced as a fused kernel."""
+    core_bytes: float
+    """Of act_bytes, what the attention core saves (selective recompute drops it)."""
+    input_bytes: float
+    """The unit's input activation (what full recompute keeps)."""
+    dense_params: int
+    expert_params: int
+    moe_top_k: int = 0
+    kv_bytes: float = 0.0
+    """Keys and values of one token (what context parallelism exchanges)."""
+    causal_attention: bool = True
+
+
+def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
+    tokens = graph.tokens
+    attn = unit.attention
+    core_flops = attn.core_fwd_flops if attn else 0
+    core_measured = attn.core_saved_bytes if attn else 0
+    core_fused, kv = 0.0, 0.0
+    if attn is not None:
+        # FlashAttention-2 keeps q, k, v, o (16-bit) and the fp32 log-sum-exp of each query row and head.
+        core_fused = tokens * ((2 * attn.heads + 2 * attn.kv_heads) * attn.head_dim * ACT_BYTES + attn.heads * 4)
+        kv = 2 * attn.kv_heads * attn.head_dim * ACT_BYTES
+    expert = unit.moe.num_experts * unit.moe.expert_params if unit.moe else 0
+    return UnitWork(
+        name=unit.name,
+        kind=unit.kind,
+        gemm_flops=(unit.fwd_flops - core_flops) / tokens,
+        gemm_calls=_gemm_calls(unit),
+        attn_flops=core_flops / 2 / tokens,
+        act_bytes=(unit.saved_bytes - core_measured + core_fused) / tokens,
+        core_bytes=core_fused / tokens,
+        input_bytes=graph.hidden * ACT_BYTES if unit.kind == "block" else 0.0,
+        dense_params=unit.params - expert,
+        expert_params=expert,
+        moe_top_k=unit.moe.top_k if unit.moe else 0,
+        kv_bytes=kv,
+    )
+
+
+def _gemm_calls(unit: Unit) -> int:
+    calls = 0
+    if unit.attention:
+        calls += len(unit.attention.column) + len(unit.attention.row)
+    if unit.mlp:
+        calls += len(unit.mlp.column) + len(unit.mlp.row)
+    if unit.moe:
+        # router + experts and shared experts as SwiGLU triples (the common case; only sizes the GEMMs)
+        calls += 1 + 3 * (unit.moe.num_experts + len(unit.moe.shared))
+    if unit.kind == "head":
+        calls = 1
+    return max(calls, 1)
+
+
+def model_work(graph: ModelGraph) -> list[UnitWork]:
+    """Unit costs in execution order (ops in the model body outside every unit are few and not priced)."""
+    return [unit_work(graph, u) for u in graph.units]

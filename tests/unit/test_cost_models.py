@@ -1,0 +1,211 @@
+"""Cost formulas against hand computations and published figures (each test names its source)."""
+
+from __future__ import annotations
+
+import pytest
+from autoshard.cost_models import communication as comm
+from autoshard.cost_models import memory, pipeline
+from autoshard.cost_models.compute import gemm_efficiency, unit_compute
+from autoshard.cost_models.estimate import estimate
+from autoshard.cost_models.layout import Layout, Training, complete, parse_layout
+from autoshard.cost_models.work import UnitWork
+from autoshard.hardware_profiles import parse_profile
+from autoshard.planner.capture import capture
+
+GB = 1e9
+
+
+def _num(v: float) -> dict:
+    return {"value": v, "source": "test"}
+
+
+SPECS = dict(hbm_bytes=80e9, hbm_bw_bytes_per_s=3e12, bf16_flops_per_s=1000e12, fp8_flops_per_s=2000e12,
+             fp32_flops_per_s=500e12, gpus_per_node=8, nvlink_domain_gpus=8, intra_node_bw_bytes_per_s=400e9,
+             intra_node_latency_s=5e-6, inter_node_bw_bytes_per_s=50e9, inter_node_latency_s=10e-6)
+FITTED = dict(gemm_efficiency_max=0.8, gemm_half_flops=1e9, attention_efficiency=0.5,
+              collective_efficiency_intra=1.0, collective_efficiency_inter=1.0, overlap_slowdown=1.2,
+              elementwise_traffic_factor=4.0)
+PROFILE = parse_profile({"name": "test", "description": "", "gpu": "X", "family": "h100",
+                         "specs": {k: _num(v) for k, v in SPECS.items()},
+                         "fitted": {"fitted_on": "test", **{k: _num(v) for k, v in FITTED.items()}}})
+
+
+# ------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize(("zero", "published_gb"), [(0, 120), (1, 31.4), (2, 16.6), (3, 1.88)])
+def test_zero_model_states_match_zero_paper_figure_1(zero, published_gb):
+    """ZeRO (arXiv:1910.02054) Fig. 1: 7.5B parameters, N_d = 64, K = 12, fp16 weights and gradients."""
+    w, g, o = memory.model_states(7.5e9, zero=zero, shards=64, grad_bytes=2)
+    assert (w + g + o) / GB == pytest.approx(published_gb, rel=0.01)
+
+
+def _block(h: float, act_per_h: float = 34, core_per_h: float = 0.0) -> UnitWork:
+    return UnitWork(name="b", kind="block", gemm_flops=0, gemm_calls=1, attn_flops=0, act_bytes=act_per_h * h,
+                    core_bytes=core_per_h * h, input_bytes=2 * h, dense_params=0, expert_params=0)
+
+
+def test_activations_follow_korthikanti_table_2():
+    """Korthikanti et al. (arXiv:2205.05198) Table 2, per layer, 16-bit, ignoring the 5as/h attention term:
+    no parallelism 34 sbh; TP without SP sbh(10 + 24/t); TP + SP 34 sbh/t; full recompute 2 sbh (/t with SP)."""
+    s, b, h, t = 2048, 1, 4096, 8
+    tokens, sbh = s * b, s * b * h
+    w = _block(h)
+    assert memory.block_activations(w, tokens=tokens, tp=1, cp=1, sp=False, recompute="none") == 34 * sbh
+    assert memory.block_activations(w, tokens=tokens, tp=t, cp=1, sp=False, recompute="none") == sbh * (10 + 24 / t)
+    assert memory.block_activations(w, tokens=tokens, tp=t, cp=1, sp=True, recompute="none") == 34 * sbh / t
+    assert memory.block_activations(w, tokens=tokens, tp=t, cp=1, sp=True, recompute="full") == 2 * sbh / t
+    assert memory.block_activations(w, tokens=tokens, tp=1, cp=2, sp=False, recompute="none") == 34 * sbh / 2
+
+
+def test_selective_recompute_drops_the_attention_core():
+    w = _block(1024, act_per_h=40, core_per_h=6)
+    full = memory.block_activations(w, tokens=10, tp=1, cp=1, sp=False, recompute="none")
+    sel = memory.block_activations(w, tokens=10, tp=1, cp=1, sp=False, recompute="selective")
+    assert full - sel == 6 * 1024 * 10
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+def test_bubble_fractions_from_megatron_paper():
+    """Narayanan et al. SC'21 Sec. 2.2: (p-1)/m for 1F1B and GPipe, (p-1)/(v m) interleaved."""
+    assert pipeline.bubble_fraction(8, 32) == 7 / 32
+    assert pipeline.bubble_fraction(8, 32, v=4) == 7 / 128
+    # equal stages of time T: m T + (p-1) T / v, so the bubble over the ideal time is the same fraction
+    p, m, v, T = 8, 32, 4, 0.5
+    assert pipeline.step_time([T] * p, m, v) == pytest.approx(m * T * (1 + pipeline.bubble_fraction(p, m, v)))
+
+
+def test_micro_batches_in_flight():
+    """1F1B: p - i on stage i; GPipe: all m; interleaved first stage: p (1 + (p-1)/(p v)) (Korthikanti 4.2.3)."""
+    assert [pipeline.in_flight(i, 4, 16, 1, "1f1b") for i in range(4)] == [4, 3, 2, 1]
+    assert pipeline.in_flight(0, 4, 2, 1, "1f1b") == 2  # never more than m
+    assert pipeline.in_flight(2, 4, 16, 1, "gpipe") == 16
+    assert pipeline.in_flight(0, 4, 16, 2, "interleaved_1f1b") == 4 * (1 + 3 / 8)
+
+
+def test_split_blocks_is_even_with_extra_on_later_chunks():
+    assert pipeline.split_blocks(10, 4) == [2, 2, 3, 3]
+    assert sum(pipeline.split_blocks(126, 16)) == 126
+
+
+# ------------------------------------------------------------------ communication
+
+
+def test_ring_all_reduce_inside_a_node():
+    """nccl-tests PERFORMANCE.md: all-reduce moves 2(n-1)/n S over the bus bandwidth."""
+    g = comm.Group(size=8, stride=1)
+    nbytes = 1e9
+    expected = 2 * (7 / 8 * nbytes / 400e9 + 7 * 5e-6)
+    assert comm.all_reduce(nbytes, g, PROFILE) == pytest.approx(expected)
+    assert comm.all_gather(nbytes, g, PROFILE) == pytest.approx(expected / 2)
+
+
+def test_groups_spanning_nodes_are_bound_by_the_nics():
+    layout = Layout(tp=8, dp=16)
+    groups = comm.layout_groups(layout)
+    assert comm.link(groups["tp"], PROFILE) == (400e9, 5e-6)
+    assert comm.link(groups["dp"], PROFILE) == (50e9, 10e-6)  # one DP rank per node: one NIC
+    wide = comm.layout_groups(Layout(tp=1, dp=128))["dp"]
+    assert comm.link(wide, PROFILE)[0] == 400e9  # 8 ranks per node: min(NVLink, 8 x 50 GB/s)
+    half = comm.layout_groups(Layout(tp=2, dp=64))["dp"]
+    assert comm.link(half, PROFILE)[0] == 200e9
+
+
+def test_rank_order_tp_innermost():
+    groups = comm.layout_groups(Layout(tp=4, cp=2, dp=8, pp=2, ep=4))
+    assert groups["cp"] == comm.Group(size=2, stride=4)
+    assert groups["dp"] == comm.Group(size=8, stride=8)
+    assert groups["pp"] == comm.Group(size=2, stride=64)
+    assert groups["edp"].size * groups["ep"].size == 16
+
+
+# ------------------------------------------------------------------ compute
+
+
+def test_gemm_efficiency_saturates():
+    assert gemm_efficiency(1e9, PROFILE) == pytest.approx(0.4)
+    assert gemm_efficiency(1e15, PROFILE) == pytest.approx(0.8, rel=1e-5)
+
+
+def test_fp8_speeds_up_only_gemms():
+    w = UnitWork(name="b", kind="block", gemm_flops=1e9, gemm_calls=4, attn_flops=1e8, act_bytes=1e4,
+                 core_bytes=0, input_bytes=100, dense_params=0, expert_params=0)
+    kw = dict(tokens=4096, tp=1, cp=1, recompute="none", profile=PROFILE)
+    bf16 = unit_compute(w, precision="bf16", **kw)
+    fp8 = unit_compute(w, precision="fp8", **kw)
+    assert bf16.attn_fwd_s == fp8.attn_fwd_s
+    gemm_bf16 = 1e9 * 4096 / (1000e12 * gemm_efficiency(1e9 * 4096 / 4, PROFILE))
+    assert bf16.fwd_s - fp8.fwd_s == pytest.approx(gemm_bf16 / 2)
+
+
+def test_recompute_adds_forward_work():
+    w = _block(1024)
+    w = UnitWork(**{**{f: getattr(w, f) for f in w.__slots__}, "gemm_flops": 1e8, "attn_flops": 1e7})
+    kw = dict(tokens=1024, tp=1, cp=1, precision="bf16", profile=PROFILE)
+    none, sel, full = (unit_compute(w, recompute=r, **kw) for r in ("none", "selective", "full"))
+    assert full.recompute_s == pytest.approx(none.fwd_s)
+    assert sel.recompute_s == pytest.approx(none.attn_fwd_s)
+    assert full.bwd_s - none.bwd_s == pytest.approx(none.fwd_s)
+
+
+# ------------------------------------------------------------------ layout strings
+
+
+def test_layout_string_round_trip():
+    text = "tp=8,pp=16,vpp=2,cp=1,ep=1,dp=64,zero=1,mbs=1,recompute=selective"
+    layout = complete(parse_layout(text), 8192)
+    assert layout.schedule == "interleaved_1f1b"
+    assert complete(parse_layout(layout.to_string()), 8192) == layout
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("tp=8,foo=1", "foo"), ("tp=x", "integer"), ("recompute=some", "recompute"), ("tp=8,pp=3", "divide"),
+    ("tp=8,pp=2,dp=2", "!="),
+    ("zero=4", "zero"), ("vpp=2,schedule=1f1b", "vpp"), ("ep=3,dp=8", "ep"),
+])
+def test_bad_layouts_name_the_problem(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        complete(parse_layout(text), 64)
+
+
+# ------------------------------------------------------------------ estimate on a captured model
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"
+    return capture(spec, 1, 32)
+
+
+def test_estimate_is_consistent(tiny):
+    train = Training(global_batch=32, seq_len=32)
+    base = estimate(tiny, Layout(dp=8), train, PROFILE)
+    assert base.step_time_s > 0 and 0 < base.mfu < 1 and base.hfu == base.mfu
+    assert base.tokens_per_sec_per_gpu == pytest.approx(32 * 32 / base.step_time_s / 8)
+    full = estimate(tiny, Layout(dp=8, recompute="full"), train, PROFILE)
+    assert full.step_time_s > base.step_time_s and full.hfu > full.mfu
+    assert full.memory_breakdown["activations"] < base.memory_breakdown["activations"]
+    z3 = estimate(tiny, Layout(dp=8, zero=3), train, PROFILE)
+    assert z3.memory_breakdown.get("weights", 0) < base.memory_breakdown["weights"]
+
+
+def test_pipeline_bubble_in_estimate(tiny):
+    train = Training(global_batch=8, seq_len=32)
+    est = estimate(tiny, Layout(pp=4, dp=2), train, PROFILE)
+    assert est.micro_batches == 4
+    assert est.time_breakdown["bubble"] > 0
+
+
+@pytest.mark.parametrize(("layout", "needle"), [
+    (Layout(tp=8, dp=1), "heads"),
+    (Layout(pp=8), "blocks"),
+    (Layout(dp=3), "divisible"),
+    (Layout(ep=2, dp=2), "experts"),
+])
+def test_estimate_rejects_impossible_layouts(tiny, layout, needle):
+    with pytest.raises(ValueError, match=needle):
+        estimate(tiny, layout, Training(global_batch=32, seq_len=32), PROFILE)
