@@ -24,7 +24,8 @@ Rules
      Llama-style models that happen to have ffn == 4h and MHA (the Ultra-Scale 1B) are written "llama".
    * `tied_embeddings`: the YAML's value; else tied for Megatron-LM GPT runs (SC'21, Korthikanti,
      MegaScale: Megatron-LM shares embedding and output weights by default, and the SC'21 parameter counts
-     only match tied) and for MPT (llm-foundry's NumParams only match tied); untied otherwise.
+     only match tied) and for MPT (llm-foundry's NumParams only match tied); untied otherwise (the
+     Megatron-Core H100 README's 70.0B / 177.0B counts match untied).
    * MoE keeps only experts, top_k, expert_ffn_hidden, shared_experts, dense_layers_first; other keys
      (DeepSeek-V3's `mla`) are dropped and recorded, MLA being approximated by MHA with head_dim hidden/heads.
    * A model the spec rejects (`parse_spec` raises) is skipped with the error as reason.
@@ -33,7 +34,8 @@ Rules
    (ep must divide dp*cp).
    * vpp: null -> 1 with schedule "1f1b"; vpp > 1 -> "interleaved_1f1b". Exception: a source that names
      the interleaved schedule in `pp_schedule` without a degree (torchtitan) gets vpp 2, torchtitan's
-     default of two stages per rank when no split points are given.
+     default of two stages per rank when no split points are given. SC'21 Table 1 says "interleaved" only
+     in prose, with no degree (and 60 layers / pp 4 rule out 2): vpp 1, recorded.
    * zero: `zero_stage` when given; FSDP full shard (`fsdp` text: FSDP / Megatron-FSDP) -> 3; else by
      framework: Megatron SC'21 and Korthikanti (plain DP, fp32 gradients) -> 0; NeMo, Megatron-Bridge and
      the Megatron-Core H100 README (distributed optimizer on in their recipes) -> 1; MegaScale -> 1
@@ -63,9 +65,11 @@ Rules
    model_flops_per_token = 6*N + 12*l*h*s (PaLM appendix B), with N the matmul weights a token passes
    through: all parameters but the input-embedding lookup (a tied matrix counts once, as the output
    projection); for MoE the active ones (attention, top_k + shared experts, router, dense layers, output
-   projection). Megatron-Bridge counts causal attention (6*l*h*s instead of 12): only that reproduces its
-   TFLOP/s <-> tokens/s pairs (Llama 3 8B: 0.03%). Every other estimate the entry allows lands in
-   `cross_checks` for comparison.
+   projection). Megatron-LM's and NeMo 24.07's formulas are exactly this (NeMo's TFLOP/s <-> tokens/s pairs
+   agree to 0.1%). Megatron-Bridge counts causal attention (6*l*h*s instead of 12): only that reproduces
+   its pairs (Llama 3 8B: 0.03%). Every other estimate the entry allows lands in `cross_checks` (an extra
+   field, (method, tokens/s/GPU) pairs); they agree within 10% except two known cases (the Ultra-Scale 1B
+   MFU, and GPT-OSS whose 64-dim heads and sliding windows are not modelled), see the test.
 6. peak_memory_gib from `measured.peak_memory_gib` (None when absent).
 """
 
@@ -277,6 +281,10 @@ def _complete_model(entry: Mapping[str, Any], seq_len: int, notes: list[str]) ->
             tied = True
             notes.append("tied_embeddings=true: not stated; MPT computes logits with its token-embedding matrix "
                          "(llm-foundry NumParams only match tied)")
+        elif group == "megatron_h100_readme":
+            tied = False
+            notes.append("tied_embeddings=false: not stated; untied matches the README's 70.0B / 177.0B "
+                         "parameter counts (tied would give 68.7B / 175.6B)")
         else:
             tied = False
     model["tied_embeddings"] = bool(tied)
@@ -287,6 +295,9 @@ def _complete_model(entry: Mapping[str, Any], seq_len: int, notes: list[str]) ->
         notes.append("style=llama: ffn = 4 x hidden with MHA would read as GPT style, but the model is "
                      "Llama-style (SwiGLU, RMSNorm, RoPE) per its name/source")
     model["style"] = "gpt" if gpt else "llama"
+    if gpt and "nemotron" in name.lower():
+        notes.append("style=gpt: Nemotron's 2-matrix squared-ReLU MLP priced as the GPT-style MLP "
+                     "(its RoPE is not modelled: learned positions instead)")
 
     if moe_src:
         moe = {k: moe_src[k] for k in _MOE_KEYS if moe_src.get(k) is not None}
@@ -388,7 +399,8 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
     if sp is None:
         sp = tp > 1
         if tp > 1:
-            notes.append("sequence_parallel=true: not stated; on with tp > 1 (Megatron-Core / nanotron default)")
+            notes.append("sequence_parallel=true: not stated; assumed on with tp > 1 (usual in Megatron-Core/NeMo "
+                         "recipes; nanotron's default REDUCE_SCATTER TP mode)")
     try:
         return Layout(
             tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp=dp, zero=_zero(entry, notes), mbs=mbs,
@@ -432,8 +444,8 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
     else:
         precision = "bf16"
         if "bf16" not in lower and "bfloat16" not in lower:
-            notes.append(f"precision=bf16: source says {text!r}; 16-bit mixed precision priced as bf16 "
-                         "(same tensor-core peak)")
+            said = f"source says {text!r}" if text else "not stated"
+            notes.append(f"precision=bf16: {said}; 16-bit mixed precision priced as bf16 (same tensor-core peak)")
     return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision)
 
 
@@ -506,11 +518,11 @@ def throughput_estimates(
         out.append(Estimate("tokens_total", v, f"tokens_per_sec_total / GPUs = {me['tokens_per_sec_total']:.6g} "
                                                f"/ {gpus} = {v:.4g}"))
     definition = str(me.get("tflops_definition") or "").lower()
-    l, h, vocab = model["layers"], model["hidden"], model["vocab"]
+    nl, h, vocab = model["layers"], model["hidden"], model["vocab"]
     tflops = me.get("tflops_per_gpu")
     if group == "megatron_sc21" and re.search(r"eq\.\s*\(3\)", definition):
         f = eq3_flops_per_token(model, s)
-        formula = (f"96*l*h^2*(1 + s/(6h) + V/(16lh)) = 96*{l}*{h}^2*(1 + {s}/(6*{h}) + {vocab}/(16*{l}*{h})) "
+        formula = (f"96*l*h^2*(1 + s/(6h) + V/(16lh)) = 96*{nl}*{h}^2*(1 + {s}/(6*{h}) + {vocab}/(16*{nl}*{h})) "
                    f"= {f:.4g} FLOP/token")
         if tflops is not None:
             v = float(tflops) * 1e12 / f
@@ -523,7 +535,7 @@ def throughput_estimates(
     f = model_flops_per_token(model, s, causal=causal)
     n = _flop_params(model)
     att = 6 if causal else 12
-    formula = (f"6*N + {att}*l*h*s = 6*{n:.5g} + {att}*{l}*{h}*{s} = {f:.4g} FLOP/token"
+    formula = (f"6*N + {att}*l*h*s = 6*{n:.5g} + {att}*{nl}*{h}*{s} = {f:.4g} FLOP/token"
                + (" (N: active params)" if model.get("moe") else ""))
     if tflops is not None and "model" in definition:
         v = float(tflops) * 1e12 / f
@@ -554,6 +566,11 @@ def build_run(entry: Mapping[str, Any]) -> CalibrationRun:
     if not estimates:
         raise SkipRun("no tokens/s, step time, usable TFLOP/s or MFU")
     best = estimates[0]
+    if best.method == "model_tflops":
+        notes.append("tokens_per_sec_per_gpu: derived from model TFLOP/s assuming the source counts "
+                     "6*N + 12*l*h*s (non-causal attention), as Megatron-LM's and NeMo 24.07's formulas do")
+    elif best.method == "mfu":
+        notes.append("tokens_per_sec_per_gpu: derived from MFU assuming the source's peak is the dense BF16 one")
     peak_mem = entry["measured"].get("peak_memory_gib")
     return CalibrationRun(
         id=entry["id"], group=str(entry.get("group", "")), model=model, layout=layout, training=training,

@@ -1,0 +1,227 @@
+"""Accuracy of the cost model on published training runs, with leave-one-group-out cross-validation.
+
+For every calibration run (../shared/calibration/published_runs_dev.yaml, read by calibration_runs.py):
+capture the model on meta at the run's sequence length, estimate the run's own layout on its hardware
+profile, and compare predicted with measured tokens/s/GPU (and peak memory where the source gives it).
+
+The few global coefficients (GEMM efficiency per GPU family; GEMM half-size, attention efficiency and
+network efficiency shared by all) are fitted by minimising the squared log error. Cross-validation refits
+them with one source group left out and predicts that group, so every reported CV error is on runs the
+coefficients never saw.
+
+    .venv/bin/python benchmarks/accuracy.py [--write docs/accuracy.md] [--no-cv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import pickle
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoshard.cost_models.estimate import estimate  # noqa: E402
+from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
+from autoshard.planner.capture import capture  # noqa: E402
+from autoshard.planner.loading import LoadedModel, token_inputs  # noqa: E402
+from autoshard.planner.model_graph import ModelGraph  # noqa: E402
+from autoshard.planner.reference_model import build_reference_model  # noqa: E402
+from autoshard.planner.spec import parse_spec  # noqa: E402
+from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+FAMILY_KEYS = ("gemm_efficiency_max",)
+GLOBAL_KEYS = ("gemm_half_flops", "attention_efficiency", "collective_efficiency_inter")
+BOUNDS = {
+    "gemm_efficiency_max": (0.3, 0.95),
+    "gemm_half_flops": (1e7, 1e11),
+    "attention_efficiency": (0.2, 0.9),
+    "collective_efficiency_inter": (0.2, 1.0),
+}
+
+
+@dataclass(slots=True)
+class Case:
+    run: CalibrationRun
+    graph: ModelGraph
+    profile: Profile
+
+
+def graph_for(run: CalibrationRun) -> ModelGraph:
+    """Capture the run's model at its sequence length, cached on disk by model and capture code."""
+    import torch
+
+    code = b"".join((ROOT / f).read_bytes() for f in ("planner/capture.py", "planner/structure.py",
+                                                      "planner/reference_model.py", "planner/model_graph.py"))
+    key = hashlib.sha1(repr((sorted(run.model.items()), run.training.seq_len)).encode() + code).hexdigest()[:16]
+    path = CACHE / f"{key}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    spec, _, _ = parse_spec({"model": {**run.model, "seq_len": max(run.model.get("seq_len") or 0,
+                                                                   run.training.seq_len)}})
+    with torch.device("meta"):
+        module = build_reference_model(spec)
+    loaded = LoadedModel(module=module, name=spec.name, example_inputs=token_inputs, seq_len=run.training.seq_len,
+                         kind="spec", spec=spec)
+    graph = capture(loaded, 1, run.training.seq_len)
+    graph.gm = None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(graph))
+    return graph
+
+
+def with_coefficients(profile: Profile, coeffs: dict[str, float]) -> Profile:
+    changes = {k: coeffs[f"{profile.family}:{k}"] for k in FAMILY_KEYS if f"{profile.family}:{k}" in coeffs}
+    changes.update({k: coeffs[k] for k in GLOBAL_KEYS if k in coeffs})
+    return profile.replace(**changes)
+
+
+def predict(case: Case, coeffs: dict[str, float]) -> tuple[float, float]:
+    """(tokens/s/GPU, peak memory GiB) predicted for the run's own layout."""
+    est = estimate(case.graph, case.run.layout, case.run.training, with_coefficients(case.profile, coeffs))
+    return est.tokens_per_sec_per_gpu, est.peak_memory_bytes / 2**30
+
+
+def log_error(case: Case, coeffs: dict[str, float]) -> float:
+    return math.log(predict(case, coeffs)[0] / case.run.tokens_per_sec_per_gpu)
+
+
+def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int = 9) -> dict[str, float]:
+    """Coordinate descent on the mean squared log error, each coordinate over a shrinking geometric grid."""
+    coeffs = dict(start)
+    families = {c.profile.family for c in cases}
+    keys = [f"{f}:{k}" for f in sorted(families) for k in FAMILY_KEYS] + list(GLOBAL_KEYS)
+
+    def loss(cf: dict[str, float]) -> float:
+        return statistics.fmean(log_error(c, cf) ** 2 for c in cases)
+
+    best = loss(coeffs)
+    span = 2.0
+    for _ in range(sweeps):
+        for key in keys:
+            lo, hi = BOUNDS[key.split(":")[-1]]
+            centre = coeffs[key]
+            for i in range(points):
+                value = min(hi, max(lo, centre * span ** (2 * i / (points - 1) - 1)))
+                trial = {**coeffs, key: value}
+                err = loss(trial)
+                if err < best:
+                    best, coeffs = err, trial
+        span = math.sqrt(span)
+    return coeffs
+
+
+def initial(cases: list[Case]) -> dict[str, float]:
+    start: dict[str, float] = {}
+    for c in cases:
+        for k in FAMILY_KEYS:
+            start.setdefault(f"{c.profile.family}:{k}", getattr(c.profile, k))
+        for k in GLOBAL_KEYS:
+            start.setdefault(k, getattr(c.profile, k))
+    return start
+
+
+def summarise(errors: list[float]) -> str:
+    a = sorted(abs(e) for e in errors)
+    if not a:
+        return "no runs"
+    p90 = a[min(len(a) - 1, math.ceil(0.9 * len(a)) - 1)]
+    within = sum(e <= 0.10 for e in a) / len(a)
+    return f"median {statistics.median(a):.1%}, p90 {p90:.1%}, within 10%: {within:.0%} (n={len(a)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, help="write the report (markdown) to this file")
+    parser.add_argument("--no-cv", action="store_true", help="skip cross-validation (fit on all runs only)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    runs, skipped = load_runs()
+    cases = []
+    for run in runs:
+        try:
+            cases.append(Case(run=run, graph=graph_for(run),
+                              profile=load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)))
+        except Exception as exc:  # noqa: BLE001 - report and go on: one bad run must not hide the rest
+            skipped.append((run.id, f"capture/estimate failed: {type(exc).__name__}: {exc}"))
+    print(f"{len(cases)} runs captured in {time.perf_counter() - t0:.0f} s; {len(skipped)} skipped", file=sys.stderr)
+    prior = initial(cases)
+    fitted = fit(cases, prior)
+    rel = lambda p, m: p / m - 1  # noqa: E731
+    rows = []
+    cv_pred: dict[str, float] = {}
+    if not args.no_cv:
+        for group in sorted({c.run.group for c in cases}):
+            train = [c for c in cases if c.run.group != group]
+            coeffs = fit(train, prior)
+            for c in cases:
+                if c.run.group == group:
+                    cv_pred[c.run.id] = predict(c, coeffs)[0]
+    for c in cases:
+        tok, mem = predict(c, fitted)
+        prior_tok, _ = predict(c, prior)
+        rows.append((c, prior_tok, tok, cv_pred.get(c.run.id), mem))
+    report = render(rows, fitted, prior, skipped, time.perf_counter() - t0)
+    print(report)
+    if args.write:
+        args.write.write_text(report)
+
+
+def render(rows, fitted, prior, skipped, seconds) -> str:
+    out = ["| run | profile | layout | measured tok/s/GPU | prior | fitted | CV | CV error | mem GiB pred / meas |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    prior_err, fit_err, cv_err, mem_err, floor_err = [], [], [], [], []
+    for c, p_tok, f_tok, cv_tok, mem in rows:
+        meas = c.run.tokens_per_sec_per_gpu
+        prior_err.append(p_tok / meas - 1)
+        fit_err.append(f_tok / meas - 1)
+        if cv_tok is not None:
+            cv_err.append(cv_tok / meas - 1)
+        floor_err.append(_floor(c) / meas - 1)
+        mm = c.run.peak_memory_gib
+        if mm:
+            mem_err.append(mem / mm - 1)
+        lay = c.run.layout
+        short = f"tp{lay.tp} pp{lay.pp} v{lay.vpp} cp{lay.cp} ep{lay.ep} dp{lay.dp} z{lay.zero} mbs{lay.mbs} {lay.recompute}"
+        cv = f"{cv_tok:,.0f} | {cv_tok / meas - 1:+.1%}" if cv_tok is not None else "- | -"
+        memtxt = f"{mem:.1f} / {mm:.1f}" if mm else f"{mem:.1f} / -"
+        out.append(f"| {c.run.id} | {c.profile.name} | {short} | {meas:,.1f} | {p_tok:,.0f} | {f_tok:,.0f} | {cv} | {memtxt} |")
+    lines = [
+        "## Summary (absolute relative error of tokens/s/GPU)",
+        "",
+        f"- cross-validated (leave one source group out): {summarise(cv_err)}",
+        f"- fitted on all runs (in-sample): {summarise(fit_err)}",
+        f"- prior coefficients, before any fit: {summarise(prior_err)}",
+        f"- floor, 37% of the datasheet peak for every run: {summarise(floor_err)}",
+        f"- peak memory against the sources that report it: {summarise(mem_err)}",
+        "",
+        "Fitted coefficients (all runs): " + ", ".join(f"{k} = {v:.4g}" for k, v in sorted(fitted.items())),
+        "",
+        "Priors: " + ", ".join(f"{k} = {v:.4g}" for k, v in sorted(prior.items())),
+        "",
+        *out,
+        "",
+        "Skipped runs:",
+        *[f"- {rid}: {why}" for rid, why in skipped],
+        "",
+        f"({seconds:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def _floor(case: Case) -> float:
+    """The naive predictor: 37% of the dtype peak, divided by the model's FLOPs per token."""
+    g = case.graph
+    per_token = (g.fwd_flops + g.bwd_flops) / g.tokens
+    return 0.37 * case.profile.peak_flops(case.run.training.precision) / per_token
+
+
+if __name__ == "__main__":
+    main()
