@@ -5,7 +5,7 @@ capture the model on meta at the run's sequence length, estimate the run's own l
 profile, and compare predicted with measured tokens/s/GPU (and peak memory where the source gives it).
 
 The few global coefficients (GEMM efficiency per GPU family; GEMM half-size, attention efficiency and
-network efficiency shared by all) are fitted by minimising the squared log error. Cross-validation refits
+network efficiency shared by all) are fitted by minimising the mean absolute log error. Cross-validation refits
 them with one source group left out and predicts that group, so every reported CV error is on runs the
 coefficients never saw.
 
@@ -15,6 +15,7 @@ coefficients never saw.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import pickle
@@ -28,23 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoshard.cost_models.estimate import estimate  # noqa: E402
+from autoshard.cost_models.layout import RECOMPUTE  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
 from autoshard.planner.capture import capture  # noqa: E402
 from autoshard.planner.loading import LoadedModel, token_inputs  # noqa: E402
 from autoshard.planner.model_graph import ModelGraph  # noqa: E402
 from autoshard.planner.reference_model import build_reference_model  # noqa: E402
 from autoshard.planner.spec import parse_spec  # noqa: E402
+
 from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 FAMILY_KEYS = ("gemm_efficiency_max",)
-GLOBAL_KEYS = ("gemm_half_flops", "attention_efficiency", "collective_efficiency_inter")
+GLOBAL_KEYS = ("gemm_half_flops", "attention_efficiency", "network_scale")
 BOUNDS = {
     "gemm_efficiency_max": (0.3, 0.95),
     "gemm_half_flops": (1e7, 1e11),
     "attention_efficiency": (0.2, 0.9),
-    "collective_efficiency_inter": (0.2, 1.0),
+    "network_scale": (0.2, 1.5),
 }
+"""network_scale multiplies each profile's own scale-out efficiency (EFA starts lower than InfiniBand)."""
 
 
 @dataclass(slots=True)
@@ -52,6 +56,21 @@ class Case:
     run: CalibrationRun
     graph: ModelGraph
     profile: Profile
+
+
+def fitting_layout(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> CalibrationRun:
+    """A run whose source does not state its recompute did fit in memory: take the least recompute that
+    fits by our memory model (none, then selective, then full). Stated settings are never changed."""
+    if not any(a.startswith("recompute=") for a in run.assumptions):
+        return run
+    for recompute in RECOMPUTE:
+        layout = dataclasses.replace(run.layout, recompute=recompute)
+        if estimate(graph, layout, run.training, profile).fits:
+            break
+    if layout == run.layout:
+        return run
+    note = f"recompute={recompute}: not stated, and the lighter settings do not fit in memory by our model"
+    return dataclasses.replace(run, layout=layout, assumptions=(*run.assumptions, note))
 
 
 def graph_for(run: CalibrationRun) -> ModelGraph:
@@ -79,7 +98,9 @@ def graph_for(run: CalibrationRun) -> ModelGraph:
 
 def with_coefficients(profile: Profile, coeffs: dict[str, float]) -> Profile:
     changes = {k: coeffs[f"{profile.family}:{k}"] for k in FAMILY_KEYS if f"{profile.family}:{k}" in coeffs}
-    changes.update({k: coeffs[k] for k in GLOBAL_KEYS if k in coeffs})
+    changes.update({k: coeffs[k] for k in GLOBAL_KEYS if k in coeffs and k != "network_scale"})
+    if "network_scale" in coeffs:
+        changes["collective_efficiency_inter"] = min(1.0, profile.collective_efficiency_inter * coeffs["network_scale"])
     return profile.replace(**changes)
 
 
@@ -94,13 +115,14 @@ def log_error(case: Case, coeffs: dict[str, float]) -> float:
 
 
 def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int = 9) -> dict[str, float]:
-    """Coordinate descent on the mean squared log error, each coordinate over a shrinking geometric grid."""
+    """Coordinate descent on the mean absolute log error (robust to the few runs no layout-level model
+    explains), each coordinate over a shrinking geometric grid."""
     coeffs = dict(start)
     families = {c.profile.family for c in cases}
     keys = [f"{f}:{k}" for f in sorted(families) for k in FAMILY_KEYS] + list(GLOBAL_KEYS)
 
     def loss(cf: dict[str, float]) -> float:
-        return statistics.fmean(log_error(c, cf) ** 2 for c in cases)
+        return statistics.fmean(abs(log_error(c, cf)) for c in cases)
 
     best = loss(coeffs)
     span = 2.0
@@ -124,7 +146,7 @@ def initial(cases: list[Case]) -> dict[str, float]:
         for k in FAMILY_KEYS:
             start.setdefault(f"{c.profile.family}:{k}", getattr(c.profile, k))
         for k in GLOBAL_KEYS:
-            start.setdefault(k, getattr(c.profile, k))
+            start.setdefault(k, 1.0 if k == "network_scale" else getattr(c.profile, k))
     return start
 
 
@@ -147,14 +169,14 @@ def main() -> None:
     cases = []
     for run in runs:
         try:
-            cases.append(Case(run=run, graph=graph_for(run),
-                              profile=load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)))
+            graph = graph_for(run)
+            profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
+            cases.append(Case(run=fitting_layout(run, graph, profile), graph=graph, profile=profile))
         except Exception as exc:  # noqa: BLE001 - report and go on: one bad run must not hide the rest
             skipped.append((run.id, f"capture/estimate failed: {type(exc).__name__}: {exc}"))
     print(f"{len(cases)} runs captured in {time.perf_counter() - t0:.0f} s; {len(skipped)} skipped", file=sys.stderr)
     prior = initial(cases)
     fitted = fit(cases, prior)
-    rel = lambda p, m: p / m - 1  # noqa: E731
     rows = []
     cv_pred: dict[str, float] = {}
     if not args.no_cv:

@@ -96,7 +96,8 @@ __all__ = [
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "published_runs_dev.yaml"
 ENV_VAR = "AUTOSHARD_CALIBRATION"
 
-PROFILES = ("a100_ib", "h100_ib", "h100_roce", "h100_efa", "h200_ib", "h800_ib", "b200_ib", "gb200_nvl72")
+PROFILES = ("a100_ib", "h100_ib", "h100_96gb_500w", "h100_roce", "h100_efa", "h200_ib", "h800_ib", "b200_ib",
+            "gb200_nvl72")
 PEAK_BF16_DENSE = {"a100": 312e12, "h100": 989e12}
 """Dense BF16 tensor-core peak per GPU that the MFU sources divide by (SC'21: A100 312 TF/s; H100 SXM)."""
 
@@ -469,9 +470,9 @@ def _profile(entry: Mapping[str, Any], notes: list[str]) -> tuple[str, float | N
     if "h100" in gpu:
         memory = None
         if "96gb" in gpu.replace(" ", ""):
-            memory = 96.0
-            notes.append("gpu_memory_gib=96: H100 96GB HBM2e at a 500 W power limit, clocked below H100 SXM5; "
-                         "h100_ib compute peaks overstate it")
+            notes.append("profile=h100_96gb_500w: H100 96GB HBM2e at a 500 W power limit, clocked below H100 "
+                         "SXM5; its own family so its GEMM efficiency is fitted apart from the 700 W parts")
+            return "h100_96gb_500w", None
         if "efa" in net:
             return "h100_efa", memory
         if "roce" in net:

@@ -46,15 +46,20 @@ def gemm_time(flops: float, calls: int, precision: str, profile: Profile) -> flo
 
 
 def unit_compute(
-    work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile
+    work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile,
+    ep: int = 1,
 ) -> ComputeTime:
     """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
 
     TP splits every GEMM and the attention heads; CP splits the tokens (attention per rank sees its
-    queries against all keys, so causal-balanced CP divides attention FLOPs by cp too).
+    queries against all keys, so causal-balanced CP divides attention FLOPs by cp too). With EP a GPU runs
+    experts/ep experts, each on the tokens routed to it from the whole EP group: the same FLOPs in fewer,
+    larger GEMMs (three per SwiGLU expert).
     """
     shard = tp * cp
     gemm_f = gemm_time(work.gemm_flops * tokens / shard, work.gemm_calls, precision, profile)
+    if work.experts:
+        gemm_f += gemm_time(work.expert_flops * tokens / shard, 3 * max(1, work.experts // ep), precision, profile)
     attn_f = work.attn_flops * tokens / shard / (profile.bf16_flops_per_s * profile.attention_efficiency)
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f

@@ -10,8 +10,8 @@ Which communication hides behind compute (COST_MODEL_NOTES.md, item 5):
 - The CP ring exchange of keys and values overlaps the attention of the previous chunk: exposed beyond it.
 - ZeRO-3 gathers and reduce-scatters are prefetched under the micro-batch's compute: exposed beyond it,
   and the overlapped compute runs `overlap_slowdown` slower.
-- DP gradient reduction overlaps the last micro-batch's backward; ZeRO-1/2's parameter all-gather after the
-  optimizer step is exposed.
+- DP gradient reduction overlaps the last micro-batch's backward; ZeRO-1/2's parameter all-gather the
+  next step's first forward (Megatron-Core's overlap_grad_reduce and overlap_param_gather).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from . import memory, pipeline
 from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
 from .layout import Layout, Training
 from .work import ACT_BYTES, UnitWork, model_work
+
+FSDP_REDUCE_BYTES = 4
+"""FSDP reduce-scatters gradients in fp32 (torchtitan's default mixed_precision_reduce)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -168,7 +171,7 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     hidden_bytes = tokens / cp * _hidden(stage) * ACT_BYTES
     for w in stage.units:
         t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision,
-                         recompute=layout.recompute, profile=profile)
+                         recompute=layout.recompute, profile=profile, ep=layout.ep)
         out["compute"] += t.fwd_s + t.bwd_s - t.recompute_s
         out["recompute"] += t.recompute_s
         out["tp_comm"] += _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
@@ -226,7 +229,7 @@ def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict
     t = 0.0
     for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
         t += 2 * comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
-        t += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
+        t += comm.reduce_scatter(params * FSDP_REDUCE_BYTES, group, profile)
     hidden = min(t, compute)
     return max(0.0, t - compute) + (profile.overlap_slowdown - 1) * hidden
 
@@ -246,8 +249,10 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
                 else:
                     t_grad += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
                     t_gather += comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
-        last_backward = part["compute"] * 2 / 3
-        exposed = max(exposed, max(0.0, t_grad - last_backward) + t_gather)
+        # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
+        # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather)
+        last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
+        exposed = max(exposed, max(0.0, t_grad - last_backward) + max(0.0, t_gather - first_forward))
         sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
         opt = max(opt, optimizer_time(sharded, profile))
     return exposed, opt
@@ -271,7 +276,7 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
     if layout.zero == 3:
         biggest = max((w.dense_params + w.expert_params / layout.ep for w in stage.units), default=0) / layout.tp
         # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads
-        mem.buffers = biggest * (2 * memory.WEIGHT_BYTES + memory.GRAD_BYTES)
+        mem.buffers = biggest * (2 * memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
     mem.reserve = memory.ALLOCATOR_RESERVE * mem.total
     return mem
 

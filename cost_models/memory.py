@@ -4,7 +4,7 @@ Model states with Adam in mixed precision (ZeRO, Rajbhandari et al., arXiv:1910.
 16-bit weights (2 B) + gradients + fp32 master weights, momentum and variance (K = 12 B) per parameter.
 ZeRO-1 shards the optimizer state over the N_d data-parallel ranks, ZeRO-2 the gradients too, ZeRO-3 the
 weights too: 2+2+12 = 16 Psi; 4 Psi + 12 Psi/N_d; 2 Psi + 14 Psi/N_d; 16 Psi/N_d (paper's Fig. 1 with 2-byte
-gradients). Megatron-LM and FSDP keep gradients in fp32 (4 B), the default here.
+gradients), the default here.
 
 Activations are the captured bytes saved for backward (see work.py), split by TP with sequence parallelism
 (all of them) or without it (all but about 10 sbh bytes of norm and linear inputs, which every TP rank
@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from .work import UnitWork
 
 WEIGHT_BYTES = 2
-GRAD_BYTES = 4
+GRAD_BYTES = 2
+"""16-bit gradient buffers (Megatron-Core's default, grad_reduce_in_fp32=False; FSDP2 keeps the sharded
+fp32 gradient instead of a master copy, which the 12 optimizer bytes already cover)."""
 OPTIMIZER_BYTES = 12
-LOGIT_BYTES = 8
-"""fp32 logits and their fp32 gradient in the loss (Megatron's vocab-parallel cross-entropy)."""
+LOGIT_BYTES = 10
+"""Per logit: the 16-bit logits, their fp32 copy for the loss and the fp32 log-softmax kept for backward."""
 REPLICATED_INPUTS = 5
 """Without SP, each TP rank keeps ~10 sbh bytes = 5 x the block input (2 sbh bytes): Korthikanti Table 2."""
 ALLOCATOR_RESERVE = 0.05

@@ -6,6 +6,9 @@ instead, so the attention core is re-priced here:
 - FLOPs: causal FlashAttention computes half the score matrix (Dao, arXiv:2307.08691, Sec. 3.1).
 - saved bytes: q, k, v and the output in 16 bits plus the fp32 log-sum-exp per head (FlashAttention-2
   keeps only these for its backward).
+RMSNorm is re-priced the same way: on meta it decomposes into fp32 elementwise ops that save about 8h
+bytes per token, where the fused kernel training uses (Apex/TE, torch's CUDA rms_norm) saves its 16-bit
+input and one fp32 statistic per token.
 Everything else is the model's own measured number.
 """
 
@@ -17,6 +20,7 @@ from autoshard.planner.model_graph import ModelGraph, Unit
 
 ACT_BYTES = 2
 """Activation element size in 16-bit training."""
+NORM_OPS = ("rms_norm", "layer_norm")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -26,9 +30,9 @@ class UnitWork:
     name: str
     kind: str
     gemm_flops: float
-    """Forward FLOPs of linears (router and experts included, balanced routing)."""
+    """Forward FLOPs of dense linears (attention, MLP, router, shared experts, head)."""
     gemm_calls: int
-    """GEMM launches per forward, to size the average GEMM (small GEMMs run below peak)."""
+    """Dense GEMM launches per forward, to size the average GEMM (small GEMMs run below peak)."""
     attn_flops: float
     """Forward FLOPs of the causal attention core under a fused kernel."""
     act_bytes: float
@@ -39,6 +43,10 @@ class UnitWork:
     """The unit's input activation (what full recompute keeps)."""
     dense_params: int
     expert_params: int
+    expert_flops: float = 0.0
+    """Forward FLOPs of the routed experts (balanced routing)."""
+    experts: int = 0
+    """Routed experts: with EP, a GPU runs experts/ep of them on tokens gathered from the EP group."""
     moe_top_k: int = 0
     kv_bytes: float = 0.0
     """Keys and values of one token (what context parallelism exchanges)."""
@@ -55,18 +63,25 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         # FlashAttention-2 keeps q, k, v, o (16-bit) and the fp32 log-sum-exp of each query row and head.
         core_fused = tokens * ((2 * attn.heads + 2 * attn.kv_heads) * attn.head_dim * ACT_BYTES + attn.heads * 4)
         kv = 2 * attn.kv_heads * attn.head_dim * ACT_BYTES
+    norm_measured = sum(n for op, n in unit.saved_by_op.items() if op in NORM_OPS)
+    norms = len(unit.norms) if unit.kind == "block" else int(unit.kind == "norm")
+    norm_fused = min(norm_measured, norms * tokens * (graph.hidden * ACT_BYTES + 8))
     expert = unit.moe.num_experts * unit.moe.expert_params if unit.moe else 0
+    # balanced routing: each token meets top_k experts, each expert is 2 x params FLOPs per token
+    expert_flops = 2.0 * unit.moe.top_k * unit.moe.expert_params if unit.moe else 0.0
     return UnitWork(
         name=unit.name,
         kind=unit.kind,
-        gemm_flops=(unit.fwd_flops - core_flops) / tokens,
+        gemm_flops=(unit.fwd_flops - core_flops) / tokens - expert_flops,
         gemm_calls=_gemm_calls(unit),
         attn_flops=core_flops / 2 / tokens,
-        act_bytes=(unit.saved_bytes - core_measured + core_fused) / tokens,
+        act_bytes=(unit.saved_bytes - core_measured + core_fused - norm_measured + norm_fused) / tokens,
         core_bytes=core_fused / tokens,
         input_bytes=graph.hidden * ACT_BYTES if unit.kind == "block" else 0.0,
         dense_params=unit.params - expert,
         expert_params=expert,
+        expert_flops=expert_flops,
+        experts=unit.moe.num_experts if unit.moe else 0,
         moe_top_k=unit.moe.top_k if unit.moe else 0,
         kv_bytes=kv,
     )
@@ -79,8 +94,8 @@ def _gemm_calls(unit: Unit) -> int:
     if unit.mlp:
         calls += len(unit.mlp.column) + len(unit.mlp.row)
     if unit.moe:
-        # router + experts and shared experts as SwiGLU triples (the common case; only sizes the GEMMs)
-        calls += 1 + 3 * (unit.moe.num_experts + len(unit.moe.shared))
+        # router + shared experts as SwiGLU triples (the common case; only sizes the GEMMs)
+        calls += 1 + 3 * len(unit.moe.shared)
     if unit.kind == "head":
         calls = 1
     return max(calls, 1)

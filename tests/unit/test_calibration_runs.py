@@ -210,7 +210,7 @@ def test_precision_mapping() -> None:
 def test_profiles() -> None:
     assert BY_ID["ultrascale_best_8b_512gpu"].profile == "h100_efa"
     titan = BY_ID["torchtitan_l31_8b_8gpu_fsdp_bf16"]
-    assert (titan.profile, titan.gpu_memory_gib) == ("h100_ib", 96.0)
+    assert (titan.profile, titan.gpu_memory_gib) == ("h100_96gb_500w", None)
     assert BY_ID["megascale_t2_megascale_175b_8192gpu"].profile == "a100_ib"
     assert BY_ID["mbridge_260401_deepseekv3_dgxgb200_256gpu"].profile == "gb200_nvl72"
     assert BY_ID["mbridge_260401_deepseekv3_dgxb200_256gpu"].profile == "b200_ib"

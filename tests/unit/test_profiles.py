@@ -29,7 +29,7 @@ EXPECTED = {
     "gb200_nvl72",
     "cpu_gloo",
 }
-FAMILIES = {"a100", "h100", "b200", "cpu"}
+FAMILIES = {"a100", "h100", "b200", "cpu", "h100_500w"}
 NAMES = profile_names()
 GPU_NAMES = [n for n in NAMES if load_profile(n).family != "cpu"]
 
