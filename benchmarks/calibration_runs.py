@@ -98,6 +98,8 @@ ENV_VAR = "AUTOSHARD_CALIBRATION"
 
 PROFILES = ("a100_ib", "h100_ib", "h100_96gb_500w", "h100_roce", "h100_efa", "h200_ib", "h800_ib", "b200_ib",
             "gb200_nvl72")
+UNFUSED_ATTENTION_GROUPS = ("megatron_sc21", "korthikanti")
+"""Sources whose software predates fused attention."""
 PEAK_BF16_DENSE = {"a100": 312e12, "h100": 989e12}
 """Dense BF16 tensor-core peak per GPU that the MFU sources divide by (SC'21: A100 312 TF/s; H100 SXM)."""
 
@@ -402,11 +404,12 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
         if tp > 1:
             notes.append("sequence_parallel=true: not stated; assumed on with tp > 1 (usual in Megatron-Core/NeMo "
                          "recipes; nanotron's default REDUCE_SCATTER TP mode)")
+    async_tp = bool(par.get("async_tp")) or "--tp-comm-overlap" in str(entry.get("notes", ""))
     try:
         return Layout(
             tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp=dp, zero=_zero(entry, notes), mbs=mbs,
             recompute=_recompute(entry, notes), schedule="interleaved_1f1b" if vpp > 1 else "1f1b",
-            sequence_parallel=bool(sp),
+            sequence_parallel=bool(sp), async_tp=async_tp and tp > 1,
         )  # fmt: skip
     except ValueError as e:
         raise SkipRun(f"invalid layout: {e}") from None
@@ -447,7 +450,12 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
         if "bf16" not in lower and "bfloat16" not in lower:
             said = f"source says {text!r}" if text else "not stated"
             notes.append(f"precision=bf16: {said}; 16-bit mixed precision priced as bf16 (same tensor-core peak)")
-    return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision)
+    attention = "flash"
+    if entry.get("group") in UNFUSED_ATTENTION_GROUPS:
+        attention = "unfused"
+        notes.append("attention=unfused: Megatron-LM of 2021-22 ran scale-mask-softmax over the full score "
+                     "matrix; FlashAttention (2022) came later")
+    return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision, attention=attention)
 
 
 # --------------------------------------------------------------------------------------------- profile

@@ -8,6 +8,10 @@ arXiv:2307.08691: 5 matmuls backward against 2 forward); elementwise twice.
 FP8 speeds up only the GEMMs; attention and elementwise ops stay in 16 bits.
 Recompute: full repeats the whole forward in the backward; selective repeats the attention core
 (Korthikanti et al., arXiv:2205.05198, Sec. 5).
+Unfused attention (Megatron-LM before FlashAttention): both score GEMMs over the full s x s (the causal
+mask is applied after), and the scores pass through HBM: written, read and written by the fused
+scale-mask-softmax, read and written by dropout in the forward, about as much again in the backward
+(Calculon models the same passes).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from .work import UnitWork
 GEMM_BWD_FACTOR = 2.0
 ATTN_BWD_FACTOR = 2.5
 ELEMENTWISE_BWD_FACTOR = 2.0
+UNFUSED_SCORE_PASSES = 4
+"""HBM passes over the score matrix in an unfused forward: softmax read + write, dropout read + write."""
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -32,6 +38,8 @@ class ComputeTime:
     """Of bwd_s, the recomputed forward."""
     attn_fwd_s: float
     """Forward time of the attention core alone (context-parallel exchange hides behind it)."""
+    gemm_fwd_s: float = 0.0
+    """Forward time of the linears alone (async TP hides its collectives behind them)."""
 
 
 def gemm_efficiency(flops_per_gemm: float, profile: Profile) -> float:
@@ -47,7 +55,7 @@ def gemm_time(flops: float, calls: int, precision: str, profile: Profile) -> flo
 
 def unit_compute(
     work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile,
-    ep: int = 1,
+    ep: int = 1, attention: str = "flash",
 ) -> ComputeTime:
     """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
 
@@ -60,12 +68,16 @@ def unit_compute(
     gemm_f = gemm_time(work.gemm_flops * tokens / shard, work.gemm_calls, precision, profile)
     if work.experts:
         gemm_f += gemm_time(work.expert_flops * tokens / shard, 3 * max(1, work.experts // ep), precision, profile)
-    attn_f = work.attn_flops * tokens / shard / (profile.bf16_flops_per_s * profile.attention_efficiency)
+    if attention == "unfused":
+        attn_f = gemm_time(2 * work.attn_flops * tokens / shard, 2, "bf16", profile)
+        attn_f += UNFUSED_SCORE_PASSES * work.score_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
+    else:
+        attn_f = work.attn_flops * tokens / shard / (profile.bf16_flops_per_s * profile.attention_efficiency)
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f
     bwd = GEMM_BWD_FACTOR * gemm_f + ATTN_BWD_FACTOR * attn_f + ELEMENTWISE_BWD_FACTOR * elem_f
     redo = {"none": 0.0, "selective": attn_f, "full": fwd}[recompute] if work.kind == "block" else 0.0
-    return ComputeTime(fwd_s=fwd, bwd_s=bwd + redo, recompute_s=redo, attn_fwd_s=attn_f)
+    return ComputeTime(fwd_s=fwd, bwd_s=bwd + redo, recompute_s=redo, attn_fwd_s=attn_f, gemm_fwd_s=gemm_f)
 
 
 def optimizer_time(params_per_gpu: float, profile: Profile) -> float:

@@ -94,7 +94,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     pipe = pipeline.step_time(stage_times, m, layout.vpp)
     dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups)
     step = pipe + dp_exposed + opt
-    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, profile) for i, s in enumerate(stages)]
+    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention) for i, s in enumerate(stages)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
@@ -171,10 +171,15 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     hidden_bytes = tokens / cp * _hidden(stage) * ACT_BYTES
     for w in stage.units:
         t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision,
-                         recompute=layout.recompute, profile=profile, ep=layout.ep)
+                         recompute=layout.recompute, profile=profile, ep=layout.ep, attention=training.attention)
         out["compute"] += t.fwd_s + t.bwd_s - t.recompute_s
         out["recompute"] += t.recompute_s
-        out["tp_comm"] += _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
+        tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
+        if layout.async_tp and w.kind == "block":
+            # collectives split against the GEMMs they feed, forward and backward (3x the forward GEMMs)
+            gemms = 3 * t.gemm_fwd_s
+            tp_t = max(0.0, tp_t - gemms) + (profile.overlap_slowdown - 1) * min(tp_t, gemms)
+        out["tp_comm"] += tp_t
         if w.moe_top_k and layout.ep > 1:
             # dispatch and combine, forward and backward (Megatron-Core token dispatcher)
             sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k
@@ -259,14 +264,14 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
 
 
 def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int, tokens: float,
-                  profile: Profile) -> memory.StageMemory:
+                  attention: str) -> memory.StageMemory:
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
         w, g, o = memory.model_states(params, zero=layout.zero, shards=shards)
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
     held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
-    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp}
+    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
     per_mb = sum(memory.block_activations(w, recompute=layout.recompute, **kw) for w in stage.units)
     mem.activations = held * per_mb
     if layout.recompute == "full":

@@ -13,9 +13,11 @@ from typing import Any
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 PRECISIONS = ("bf16", "fp8")
+ATTENTION_KERNELS = ("flash", "unfused")
 _INT_KEYS = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs")
 _ALIASES = {"micro_batch": "mbs", "sp": "sequence_parallel"}
-LAYOUT_KEYS = _INT_KEYS + ("recompute", "schedule", "sequence_parallel")
+_BOOL_KEYS = ("sequence_parallel", "async_tp")
+LAYOUT_KEYS = _INT_KEYS + ("recompute", "schedule") + _BOOL_KEYS
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -44,6 +46,8 @@ class Layout:
     """Pipeline schedule: 1f1b, interleaved_1f1b or gpipe."""
     sequence_parallel: bool = True
     """Megatron sequence parallelism for the norms and dropout between TP regions (when tp > 1)."""
+    async_tp: bool = False
+    """TP collectives overlapped with the GEMMs they feed (TE's tp-comm-overlap, torch's async TP)."""
 
     def __post_init__(self) -> None:
         for key in _INT_KEYS:
@@ -75,6 +79,8 @@ class Layout:
         parts += [f"recompute={self.recompute}", f"schedule={self.schedule}"]
         if not self.sequence_parallel:
             parts.append("sequence_parallel=false")
+        if self.async_tp:
+            parts.append("async_tp=true")
         return ",".join(parts)
 
 
@@ -87,12 +93,17 @@ class Training:
     seq_len: int
     precision: str = "bf16"
     """Matmul precision: bf16, or fp8 (matmuls only; attention, norms and communication stay bf16)."""
+    attention: str = "flash"
+    """Attention kernel: flash (fused, what PyTorch SDPA runs on GPUs) or unfused (scores through HBM, as
+    Megatron-LM ran before FlashAttention; kept to price older published runs)."""
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.seq_len < 1:
             raise ValueError(f"global batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 
     @property
     def tokens(self) -> int:
@@ -119,9 +130,9 @@ def _value(key: str, value: str) -> Any:
             return int(value)
         except ValueError:
             raise ValueError(f"layout {key} must be an integer, got {value!r}") from None
-    if key == "sequence_parallel":
+    if key in _BOOL_KEYS:
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"layout sequence_parallel must be true or false, got {value!r}")
+            raise ValueError(f"layout {key} must be true or false, got {value!r}")
         return value.lower() in ("true", "1")
     return value
 

@@ -62,11 +62,18 @@ def model_states(params: float, *, zero: int, shards: int, weight_bytes: float =
     return w, g, o
 
 
-def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, recompute: str) -> float:
+UNFUSED_SCORE_BYTES = 5 / 2
+"""An unfused core keeps 5 bytes per score (16-bit softmax output and dropout output, 1-byte dropout
+mask: Korthikanti et al. Sec. 4.1, the 5as^2b term), i.e. 2.5 x the 16-bit score row."""
+
+
+def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, recompute: str,
+                      attention: str = "flash") -> float:
     """Bytes one micro-batch leaves saved in this unit until its backward (on one GPU)."""
     if recompute == "full" and work.kind == "block":
         return work.input_bytes * tokens / cp / (tp if sp else 1)
-    act = work.act_bytes - (work.core_bytes if recompute == "selective" else 0.0)
+    core = work.core_bytes + (UNFUSED_SCORE_BYTES * work.score_bytes if attention == "unfused" else 0.0)
+    act = work.act_bytes - work.core_bytes + (0.0 if recompute == "selective" else core)
     if tp > 1 and not sp:
         kept = min(act, REPLICATED_INPUTS * work.input_bytes)
         act = (act - kept) / tp + kept
@@ -75,9 +82,9 @@ def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bo
     return act * tokens / cp
 
 
-def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool) -> float:
+def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, attention: str = "flash") -> float:
     """Full recompute rebuilds one block's activations at a time during the backward."""
-    return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none")
+    return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none", attention=attention)
 
 
 def logits_bytes(tokens: float, vocab: int, *, tp: int, cp: int) -> float:

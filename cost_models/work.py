@@ -50,6 +50,9 @@ class UnitWork:
     moe_top_k: int = 0
     kv_bytes: float = 0.0
     """Keys and values of one token (what context parallelism exchanges)."""
+    score_bytes: float = 0.0
+    """One query token's row of attention scores over all heads (heads x seq x 2 B): what an unfused
+    kernel writes to HBM."""
     causal_attention: bool = True
 
 
@@ -58,8 +61,9 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
     attn = unit.attention
     core_flops = attn.core_fwd_flops if attn else 0
     core_measured = attn.core_saved_bytes if attn else 0
-    core_fused, kv = 0.0, 0.0
+    core_fused, kv, scores = 0.0, 0.0, 0.0
     if attn is not None:
+        scores = attn.heads * graph.seq_len * ACT_BYTES
         # FlashAttention-2 keeps q, k, v, o (16-bit) and the fp32 log-sum-exp of each query row and head.
         core_fused = tokens * ((2 * attn.heads + 2 * attn.kv_heads) * attn.head_dim * ACT_BYTES + attn.heads * 4)
         kv = 2 * attn.kv_heads * attn.head_dim * ACT_BYTES
@@ -84,6 +88,7 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         experts=unit.moe.num_experts if unit.moe else 0,
         moe_top_k=unit.moe.top_k if unit.moe else 0,
         kv_bytes=kv,
+        score_bytes=scores,
     )
 
 
