@@ -89,7 +89,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     tokens = layout.mbs * training.seq_len
     stages = assign_stages(model_work(graph), layout)
     groups = comm.layout_groups(layout)
-    parts = [_stage_time(s, layout, training, profile, groups, tokens) for s in stages]
+    parts = [_stage_time(s, layout, training, profile, groups, tokens, m) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp)
     dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups)
@@ -164,7 +164,7 @@ def assign_stages(work: list[UnitWork], layout: Layout) -> list[_Stage]:
 
 
 def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Profile,
-                groups: dict[str, comm.Group], tokens: float) -> dict[str, float]:
+                groups: dict[str, comm.Group], tokens: float, m: int) -> dict[str, float]:
     """Seconds one micro-batch spends on this stage, by kind."""
     tp, cp, sp = layout.tp, layout.cp, layout.sp
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
@@ -193,7 +193,9 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
         boundary = hidden_bytes / (tp if sp else 1)
         out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
     if layout.zero == 3:
-        out["zero3_exposed"] = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"])
+        exposed = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"])
+        # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
+        out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
     return out
 
 
@@ -282,6 +284,13 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
         biggest = max((w.dense_params + w.expert_params / layout.ep for w in stage.units), default=0) / layout.tp
         # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads
         mem.buffers = biggest * (2 * memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
+        if layout.pp > 1:
+            # with a pipeline the stage keeps its weights gathered between micro-batches and accumulates
+            # unsharded fp32 gradients until the last one (torchtitan: reshard_after_forward=False under PP;
+            # PipelineStage turns gradient sync off but for the last micro-batch; FSDP2 accumulates
+            # unsynced gradients in reduce_dtype)
+            dense, expert = _stage_params(stage, layout)
+            mem.buffers += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
     mem.reserve = memory.ALLOCATOR_RESERVE * mem.total
     return mem
 

@@ -22,8 +22,10 @@ GRAD_BYTES = 2
 """16-bit gradient buffers (Megatron-Core's default, grad_reduce_in_fp32=False; FSDP2 keeps the sharded
 fp32 gradient instead of a master copy, which the 12 optimizer bytes already cover)."""
 OPTIMIZER_BYTES = 12
-LOGIT_BYTES = 10
-"""Per logit: the 16-bit logits, their fp32 copy for the loss and the fp32 log-softmax kept for backward."""
+LOGIT_BYTES = 14
+"""Per logit at the loss's backward peak: the 16-bit logits, their fp32 copy, the fp32 log-softmax kept
+for backward and its fp32 gradient (PyTorch's cross-entropy on upcast logits, as torchtitan runs it;
+torchtitan's 8B at 32k tokens, full recompute, peaks at 83.9 GiB, about 58 GB of it this term)."""
 REPLICATED_INPUTS = 5
 """Without SP, each TP rank keeps ~10 sbh bytes = 5 x the block input (2 sbh bytes): Korthikanti Table 2."""
 ALLOCATOR_RESERVE = 0.05
