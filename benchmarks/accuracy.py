@@ -100,7 +100,8 @@ def with_coefficients(profile: Profile, coeffs: dict[str, float]) -> Profile:
     changes = {k: coeffs[f"{profile.family}:{k}"] for k in FAMILY_KEYS if f"{profile.family}:{k}" in coeffs}
     changes.update({k: coeffs[k] for k in GLOBAL_KEYS if k in coeffs and k != "network_scale"})
     if "network_scale" in coeffs:
-        changes["collective_efficiency_inter"] = min(1.0, profile.collective_efficiency_inter * coeffs["network_scale"])
+        prior = prior_of(profile, "collective_efficiency_inter")
+        changes["collective_efficiency_inter"] = min(1.0, prior * coeffs["network_scale"])
     return profile.replace(**changes)
 
 
@@ -140,13 +141,23 @@ def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int
     return coeffs
 
 
+def prior_of(profile: Profile, key: str) -> float:
+    """The coefficient's prior as its YAML records it (`prior:` beside `value:`), so refits start afresh."""
+    import yaml
+
+    from autoshard.hardware_profiles import HERE
+
+    entry = yaml.safe_load((HERE / f"{profile.name}.yaml").read_text())["fitted"][key]
+    return float(entry.get("prior", entry["value"]))
+
+
 def initial(cases: list[Case]) -> dict[str, float]:
     start: dict[str, float] = {}
     for c in cases:
         for k in FAMILY_KEYS:
-            start.setdefault(f"{c.profile.family}:{k}", getattr(c.profile, k))
+            start.setdefault(f"{c.profile.family}:{k}", prior_of(c.profile, k))
         for k in GLOBAL_KEYS:
-            start.setdefault(k, 1.0 if k == "network_scale" else getattr(c.profile, k))
+            start.setdefault(k, 1.0 if k == "network_scale" else prior_of(c.profile, k))
     return start
 
 
@@ -163,6 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="write the report (markdown) to this file")
     parser.add_argument("--no-cv", action="store_true", help="skip cross-validation (fit on all runs only)")
+    parser.add_argument("--write-profiles", action="store_true",
+                        help="store the all-runs fit in hardware_profiles/*.yaml (fitted section)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     runs, skipped = load_runs()
@@ -194,6 +207,37 @@ def main() -> None:
     print(report)
     if args.write:
         args.write.write_text(report)
+    if args.write_profiles:
+        write_profiles(fitted, cases)
+
+
+def write_profiles(fitted: dict[str, float], cases: list[Case]) -> None:
+    """Replace the fitted coefficients in every GPU profile YAML of a fitted family (text edit: the
+    comments and sources stay)."""
+    import re
+
+    from autoshard.hardware_profiles import HERE, profile_names
+
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.profile.family] = counts.get(c.profile.family, 0) + 1
+    for name in profile_names():
+        profile = load_profile(name)
+        if profile.family not in counts:
+            continue
+        new = with_coefficients(profile, fitted)
+        path = HERE / f"{name}.yaml"
+        text = path.read_text()
+        for key in (*FAMILY_KEYS, *GLOBAL_KEYS):
+            field = "collective_efficiency_inter" if key == "network_scale" else key
+            text = re.sub(rf"(\n  {field}:\n    value: )[^\n]+", rf"\g<1>{getattr(new, field):.4g}", text)
+            text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n    source: )"(?:fitted [^"]*?; prior: |prior: )?',
+                          r'\g<1>"fitted by benchmarks/accuracy.py on the calibration runs; prior: ', text)
+        note = (f"benchmarks/accuracy.py on calibration/published_runs_dev.yaml: {len(cases)} runs "
+                f"({counts[profile.family]} of family {profile.family}); GEMM efficiency per family, the rest "
+                "shared; leave-one-group-out error in docs/accuracy.md")
+        text = re.sub(r'(\n  fitted_on: )[^\n]+', lambda m, note=note: f'{m.group(1)}"{note}"', text)
+        path.write_text(text)
 
 
 def render(rows, fitted, prior, skipped, seconds) -> str:
