@@ -190,3 +190,66 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_planning_without_inspect_says_what_works(specs):
     assert_user_error(plan(specs / "tiny_llama.yaml"), "--inspect")
+
+
+# ------------------------------------------------------------------ estimate one full layout
+
+
+FULL = "tp=2,pp=2,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective"
+
+
+def test_estimate_json_contract(specs):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--layout", FULL,
+               "--global-batch", "16", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "cp": 1, "ep": 1, "dp": 2, "zero": 1, "micro_batch": 1,
+                           "recompute": "selective", "schedule": "1f1b", "sequence_parallel": True}
+    p = d["predicted"]
+    for key in ("step_time_s", "tokens_per_sec_per_gpu", "mfu", "peak_memory_gib", "memory_capacity_gib"):
+        assert p[key] > 0
+    assert p["fits"] is True and d["solve_time_s"] >= 0
+    assert p["tokens_per_sec_per_gpu"] == pytest.approx(16 * 32 / p["step_time_s"] / 8)
+
+
+def test_estimate_text_and_memory_override(specs):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "H100_IB", "--layout", FULL,
+               "--global-batch", "16", "--gpu-memory-gib", "96")
+    assert out.returncode == 0, out.stderr
+    assert "of 96.0 GiB" in out.stdout and "tokens/s/GPU" in out.stdout
+
+
+def test_unknown_profile_lists_the_valid_ones(specs):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "tpu_v5", "--layout", FULL)
+    assert_user_error(out, "tpu_v5", "h100_ib", "a100_ib", "gb200_nvl72")
+
+
+def test_partial_layout_waits_for_the_planner(specs):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--layout", "tp=2",
+               "--global-batch", "16")
+    assert_user_error(out, "missing", "planner")
+
+
+def test_layout_for_another_gpu_count(specs):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--global-batch", "16",
+               "--layout", "tp=2,pp=2,vpp=1,cp=1,ep=1,dp=4,zero=1,mbs=1,recompute=none")
+    assert_user_error(out, "16", "8 GPUs")
+
+
+def test_layout_that_does_not_fit_exits_3(specs):
+    out = plan(specs / "llama3_8b.yaml", "--gpus", "8", "--profile", "h100_ib", "--global-batch", "64",
+               "--layout", "tp=1,pp=1,vpp=1,cp=1,ep=1,dp=8,zero=0,mbs=8,recompute=none", "--json")
+    assert out.returncode == 3, out.stderr
+    assert json.loads(out.stdout)["predicted"]["fits"] is False
+    assert "GiB over" in out.stderr and "ZeRO" in out.stderr
+
+
+def test_cli_flags_are_frozen():
+    """New flags are a contract change: update ARCHITECTURE.md and this list together."""
+    from autoshard.planner.cli import build_parser
+
+    flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
+    assert flags == sorted([
+        "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
+        "--precision", "--json", "--micro-batch", "--seq-len", "--debug",
+    ])
