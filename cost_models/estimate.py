@@ -80,14 +80,25 @@ class Estimate:
 class _Stage:
     units: list[UnitWork] = field(default_factory=list)
     chunks: int = 0
+    recompute: dict[str, str] = field(default_factory=dict)
+    """Unit FQN -> recompute mode."""
 
 
-def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile) -> Estimate:
-    """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`."""
+def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
+             split: list[int] | None = None, recompute: dict[str, str] | None = None,
+             work: list[UnitWork] | None = None) -> Estimate:
+    """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`.
+
+    `split`: blocks per model chunk (pp x vpp of them, chunk c on stage c mod pp); even when None.
+    `recompute`: block FQN -> none|selective|full where a block differs from layout.recompute.
+    `work`: model_work(graph), when the caller prices many layouts of one model.
+    """
     check(graph, layout, training)
     m = training.global_batch // (layout.dp * layout.mbs)
     tokens = layout.mbs * training.seq_len
-    stages = assign_stages(model_work(graph), layout)
+    stages = assign_stages(work or model_work(graph), layout, split)
+    for stage in stages:
+        stage.recompute = {w.name: (recompute or {}).get(w.name, layout.recompute) for w in stage.units}
     groups = comm.layout_groups(layout)
     parts = [_stage_time(s, layout, training, profile, groups, tokens, m) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
@@ -98,7 +109,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
-    recompute_flops = _recompute_flops(graph, layout) * training.tokens
+    recompute_flops = _recompute_flops(graph, stages) * training.tokens
     peak_flops = profile.bf16_flops_per_s * gpus * step
     slowest = max(range(len(parts)), key=lambda i: stage_times[i])
     breakdown = {k: v * m for k, v in parts[slowest].items()}
@@ -142,13 +153,15 @@ def check(graph: ModelGraph, layout: Layout, training: Training) -> None:
         raise ValueError(f"ep({layout.ep}) must divide the number of experts; the model has {have}")
 
 
-def assign_stages(work: list[UnitWork], layout: Layout) -> list[_Stage]:
-    """Blocks split evenly over pp x vpp chunks (chunk c on stage c mod pp); units before the first block
-    join the first chunk, units after the last block the last chunk."""
+def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None = None) -> list[_Stage]:
+    """Blocks over pp x vpp chunks (chunk c on stage c mod pp), as `split` says or evenly; units before the
+    first block join the first chunk, units after the last block the last chunk."""
     block_idx = [i for i, w in enumerate(work) if w.kind == "block"]
     first, last = block_idx[0], block_idx[-1]
     chunks = layout.pp * layout.vpp
-    sizes = pipeline.split_blocks(len(block_idx), chunks)
+    sizes = split if split is not None else pipeline.split_blocks(len(block_idx), chunks)
+    if len(sizes) != chunks or sum(sizes) != len(block_idx) or min(sizes) < 1:
+        raise ValueError(f"split {sizes} must give each of the {chunks} chunks at least one of {len(block_idx)} blocks")
     stages = [_Stage() for _ in range(layout.pp)]
     start = 0
     for c, size in enumerate(sizes):
@@ -166,36 +179,47 @@ def assign_stages(work: list[UnitWork], layout: Layout) -> list[_Stage]:
 def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Profile,
                 groups: dict[str, comm.Group], tokens: float, m: int) -> dict[str, float]:
     """Seconds one micro-batch spends on this stage, by kind."""
-    tp, cp, sp = layout.tp, layout.cp, layout.sp
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
-    hidden_bytes = tokens / cp * _hidden(stage) * ACT_BYTES
+    hidden = _hidden(stage)
     for w in stage.units:
-        t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision,
-                         recompute=layout.recompute, profile=profile, ep=layout.ep, attention=training.attention)
-        out["compute"] += t.fwd_s + t.bwd_s - t.recompute_s
-        out["recompute"] += t.recompute_s
-        tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
-        if layout.async_tp and w.kind == "block":
-            # collectives split against the GEMMs they feed, forward and backward (3x the forward GEMMs)
-            gemms = 3 * t.gemm_fwd_s
-            tp_t = max(0.0, tp_t - gemms) + (profile.overlap_slowdown - 1) * min(tp_t, gemms)
-        out["tp_comm"] += tp_t
-        if w.moe_top_k and layout.ep > 1:
-            # dispatch and combine, forward and backward (Megatron-Core token dispatcher)
-            sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k
-            out["ep_comm"] += 4 * comm.all_to_all(sent, groups["ep"], profile)
-        if w.kv_bytes and cp > 1:
-            # ring attention: cp-1 steps of the local keys/values forward, keys/values and their grads back
-            kv = tokens / cp * w.kv_bytes / tp
-            ring = (cp - 1) * comm.p2p(kv, groups["cp"], profile)
-            out["cp_exposed"] += max(0.0, ring - t.attn_fwd_s) + max(0.0, 2 * ring - ATTN_BWD_FACTOR * t.attn_fwd_s)
+        for key, value in unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
+                                    tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name]).items():
+            out[key] += value
     if layout.pp > 1:
-        boundary = hidden_bytes / (tp if sp else 1)
+        boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
         out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
     if layout.zero == 3:
         exposed = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"])
         # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
         out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
+    return out
+
+
+def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
+              groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str) -> dict[str, float]:
+    """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives)."""
+    tp, cp, sp = layout.tp, layout.cp, layout.sp
+    hidden_bytes = tokens / cp * hidden * ACT_BYTES
+    t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision, recompute=recompute,
+                     profile=profile, ep=layout.ep, attention=training.attention)
+    out = {"compute": t.fwd_s + t.bwd_s - t.recompute_s, "recompute": t.recompute_s}
+    tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
+    if layout.async_tp and w.kind == "block":
+        # collectives split against the GEMMs they feed, forward and backward (3x the forward GEMMs)
+        gemms = 3 * t.gemm_fwd_s
+        tp_t = max(0.0, tp_t - gemms) + (profile.overlap_slowdown - 1) * min(tp_t, gemms)
+    out["tp_comm"] = tp_t
+    out["ep_comm"] = 0.0
+    if w.moe_top_k and layout.ep > 1:
+        # dispatch and combine, forward and backward (Megatron-Core token dispatcher)
+        sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k
+        out["ep_comm"] = 4 * comm.all_to_all(sent, groups["ep"], profile)
+    out["cp_exposed"] = 0.0
+    if w.kv_bytes and cp > 1:
+        # ring attention: cp-1 steps of the local keys/values forward, keys/values and their grads back
+        kv = tokens / cp * w.kv_bytes / tp
+        ring = (cp - 1) * comm.p2p(kv, groups["cp"], profile)
+        out["cp_exposed"] = max(0.0, ring - t.attn_fwd_s) + max(0.0, 2 * ring - ATTN_BWD_FACTOR * t.attn_fwd_s)
     return out
 
 
@@ -274,10 +298,11 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
     held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
-    per_mb = sum(memory.block_activations(w, recompute=layout.recompute, **kw) for w in stage.units)
+    per_mb = sum(memory.block_activations(w, recompute=stage.recompute[w.name], **kw) for w in stage.units)
     mem.activations = held * per_mb
-    if layout.recompute == "full":
-        mem.activations += max((memory.working_activations(w, **kw) for w in stage.units), default=0.0)
+    full = [w for w in stage.units if stage.recompute[w.name] == "full" and w.kind == "block"]
+    if full:
+        mem.activations += max(memory.working_activations(w, **kw) for w in full)
     if any(w.kind == "head" for w in stage.units):
         mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp)
     if layout.zero == 3:
@@ -300,10 +325,13 @@ def _mem_dict(mem: memory.StageMemory) -> dict[str, float]:
             "activations": mem.activations, "logits": mem.logits, "buffers": mem.buffers, "reserve": mem.reserve}
 
 
-def _recompute_flops(graph: ModelGraph, layout: Layout) -> float:
+def _recompute_flops(graph: ModelGraph, stages: list[_Stage]) -> float:
     """Recomputed forward FLOPs per token."""
-    if layout.recompute == "full":
-        return sum(b.fwd_flops for b in graph.blocks) / graph.tokens
-    if layout.recompute == "selective":
-        return sum(b.attention.core_fwd_flops for b in graph.blocks if b.attention) / graph.tokens
-    return 0.0
+    modes = {name: mode for stage in stages for name, mode in stage.recompute.items()}
+    total = 0.0
+    for b in graph.blocks:
+        if modes.get(b.name) == "full":
+            total += b.fwd_flops
+        elif modes.get(b.name) == "selective" and b.attention:
+            total += b.attention.core_fwd_flops
+    return total / graph.tokens
