@@ -1,0 +1,260 @@
+"""The stage-assignment ILP: which blocks go to which pipeline chunk, and which blocks recompute.
+
+Given the degrees (tp, pp, vpp, cp, ep, dp, zero, micro-batch), the model's blocks are split into C = pp x vpp
+contiguous chunks (chunk c on pipeline rank c mod pp), the embedding joining the first chunk and the
+norm and head the last. Blocks come in *runs* of identical blocks (same signature: a dense-first MoE model
+has two runs); blocks of one run are interchangeable, so they share variables.
+
+Variables
+    n[c, r]    integer >= 0   blocks of run r in chunk c
+    k[c, r, a] integer >= 0   of those, blocks recomputing with mode a (none, selective, full)
+    u[c, r]    binary         chunk c holds a block of run r
+    f[s, r]    binary         stage s recomputes some block of run r in full (its working set)
+    T[s]       continuous     time of one micro-batch on stage s;  T_max >= T[s]
+
+Objective (1F1B / interleaved step time, pipeline.step_time with the slowest stage bounded by T_max):
+    minimise  m * T_max + (p - 1) / (v p) * sum_s T[s]
+
+Constraints (one method each)
+    run cover      sum_c n[c, r] = |r|                                        add_cover_constraint
+    chunks         sum_r n[c, r] >= 1                                         add_chunk_constraint
+    contiguity     n[c, r] <= |r| u[c, r];  sum_{c' > c} n[c', r] <= |r| (1 - u[c, r+1])
+                   (once a chunk holds run r+1, no later chunk holds run r)  add_contiguity_constraint
+    interleaving   | sum_r n[c, r] - sum_r n[c + p, r] | <= 1 (a rank's chunks differ by at most one block:
+                   the schedule's steps are chunk-sized, and it removes symmetric solutions)  add_balance_constraint
+    recompute      sum_a k[c, r, a] = n[c, r]                                 add_recompute_constraint
+    stage time     T[s] = fixed_s + sum_{c on s, r, a} k[c, r, a] t[r, a] <= T_max   add_time_constraint
+    memory         (1 + reserve) (fixed_mem_s + sum n[c, r] states[r] + held_s sum k[c, r, a] act[r, a]
+                   + sum_r f[s, r] work[r]) <= capacity;  sum_{c on s} k[c, r, full] <= |r| f[s, r]
+                                                                              add_memory_constraint
+Coefficients t, act, states and work come from the cost model for one block of each run (estimate.unit_time,
+memory.block_activations, memory.model_states), so the ILP and estimate() price a split the same way.
+CBC (bundled with PuLP) solves it; HiGHS when installed. Deterministic; no files are left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulp
+from autoshard.cost_models import communication as comm
+from autoshard.cost_models import memory, pipeline
+from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time
+from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
+from autoshard.cost_models.work import ACT_BYTES, UnitWork
+from autoshard.hardware_profiles import Profile
+
+TIME_LIMIT_S = 5
+"""Solver time limit per layout; the best assignment found by then is used."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class StageAssignment:
+    split: list[int]
+    """Blocks per chunk."""
+    recompute: dict[str, str]
+    """Block FQN -> recompute mode (every block)."""
+    objective_s: float
+    status: str
+
+
+@dataclass(kw_only=True, slots=True)
+class _Run:
+    blocks: list[UnitWork]
+    time: dict[str, float]
+    act: dict[str, float]
+    states: float
+    work: float
+
+
+class StageILP:
+    """Build and solve the model above for one layout."""
+
+    def __init__(self, work: list[UnitWork], layout: Layout, training: Training, profile: Profile,
+                 *, vocab: int, modes: tuple[str, ...] = RECOMPUTE) -> None:
+        self.layout, self.training, self.profile, self.modes = layout, training, profile, modes
+        self.vocab = vocab
+        self.m = training.global_batch // (layout.dp * layout.mbs)
+        self.tokens = layout.mbs * training.seq_len
+        self.groups = comm.layout_groups(layout)
+        first = next(i for i, w in enumerate(work) if w.kind == "block")
+        last = max(i for i, w in enumerate(work) if w.kind == "block")
+        self.pre, self.post = work[:first], work[last + 1:]
+        self.hidden = int(work[first].input_bytes // ACT_BYTES)
+        self.runs = [self._run(blocks) for blocks in _runs(work[first:last + 1])]
+        self.chunks = layout.pp * layout.vpp
+        self.prob = pulp.LpProblem("stage_assignment", pulp.LpMinimize)
+
+    # ---------------------------------------------------------------- coefficients
+
+    def _run(self, blocks: list[UnitWork]) -> _Run:
+        w = blocks[0]
+        kw = {"tokens": self.tokens, "tp": self.layout.tp, "cp": self.layout.cp, "sp": self.layout.sp,
+              "attention": self.training.attention}
+        time = {a: sum(self._unit_time(w, a).values()) for a in self.modes}
+        act = {a: memory.block_activations(w, recompute=a, **kw) for a in self.modes}
+        return _Run(blocks=blocks, time=time, act=act, states=self._states(w),
+                    work=memory.working_activations(w, **kw))
+
+    def _unit_time(self, w: UnitWork, mode: str) -> dict[str, float]:
+        return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
+                         tokens=self.tokens, hidden=self.hidden, recompute=mode)
+
+    def _states(self, w: UnitWork) -> float:
+        """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""
+        lay = self.layout
+        dense, expert = w.dense_params / lay.tp, w.expert_params / (lay.tp * lay.ep)
+        total = sum(memory.model_states(dense, zero=lay.zero, shards=lay.dp * lay.cp))
+        total += sum(memory.model_states(expert, zero=lay.zero, shards=lay.dp * lay.cp // lay.ep))
+        if lay.zero == 3 and lay.pp > 1:
+            total += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
+        return total
+
+    def _fixed(self, stage: int) -> tuple[float, float]:
+        """(time, memory) of the units outside the blocks on this stage, plus its pipeline sends."""
+        lay, p = self.layout, self.layout.pp
+        units = (self.pre if stage == 0 else []) + (self.post if stage == (self.chunks - 1) % p else [])
+        t = sum(sum(self._unit_time(w, "none").values()) for w in units)
+        kw = {"tokens": self.tokens, "tp": lay.tp, "cp": lay.cp, "sp": lay.sp, "attention": self.training.attention}
+        held = pipeline.in_flight(stage, p, self.m, lay.vpp, lay.schedule)
+        mem = sum(self._states(w) + held * memory.block_activations(w, recompute="none", **kw) for w in units)
+        if any(w.kind == "head" for w in units):
+            mem += memory.logits_bytes(self.tokens, self.vocab, tp=lay.tp, cp=lay.cp)
+        if lay.zero == 3:
+            # gathered weights of the running and the prefetched block and one block's fp32 gradients
+            biggest = max(w.dense_params + w.expert_params / lay.ep for run in self.runs for w in run.blocks[:1])
+            mem += biggest / lay.tp * (2 * memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
+        if p > 1:
+            boundary = self.tokens / lay.cp * self.hidden * ACT_BYTES / (lay.tp if lay.sp else 1)
+            t += 2 * lay.vpp * comm.p2p(boundary, self.groups["pp"], self.profile)
+        return t, mem
+
+    # ---------------------------------------------------------------- model
+
+    def build(self) -> StageILP:
+        C, R, p = range(self.chunks), range(len(self.runs)), self.layout.pp
+        self.n = {(c, r): pulp.LpVariable(f"n_{c}_{r}", 0, len(self.runs[r].blocks), cat="Integer") for c in C for r in R}
+        self.k = {(c, r, a): pulp.LpVariable(f"k_{c}_{r}_{a}", 0, len(self.runs[r].blocks), cat="Integer")
+                  for c in C for r in R for a in self.modes}
+        self.u = {(c, r): pulp.LpVariable(f"u_{c}_{r}", cat="Binary") for c in C for r in R}
+        self.f = {(s, r): pulp.LpVariable(f"f_{s}_{r}", cat="Binary") for s in range(p) for r in R}
+        self.T = {s: pulp.LpVariable(f"T_{s}", 0) for s in range(p)}
+        self.T_max = pulp.LpVariable("T_max", 0)
+        self.prob += self.m * self.T_max + (p - 1) / (self.layout.vpp * p) * pulp.lpSum(self.T.values())
+        self.add_cover_constraint()
+        self.add_chunk_constraint()
+        self.add_contiguity_constraint()
+        self.add_balance_constraint()
+        self.add_recompute_constraint()
+        self.add_time_constraint()
+        self.add_memory_constraint()
+        return self
+
+    def add_cover_constraint(self) -> None:
+        """sum_c n[c, r] = |r|: every block of every run is placed once."""
+        for r, run in enumerate(self.runs):
+            self.prob += pulp.lpSum(self.n[c, r] for c in range(self.chunks)) == len(run.blocks), f"cover_{r}"
+
+    def add_chunk_constraint(self) -> None:
+        """sum_r n[c, r] >= 1: no empty chunk."""
+        for c in range(self.chunks):
+            self.prob += pulp.lpSum(self.n[c, r] for r in range(len(self.runs))) >= 1, f"chunk_{c}"
+
+    def add_contiguity_constraint(self) -> None:
+        """n[c, r] <= |r| u[c, r];  sum_{c' > c} n[c', r] <= |r| (1 - u[c, r+1])."""
+        for c in range(self.chunks):
+            for r, run in enumerate(self.runs):
+                self.prob += self.n[c, r] <= len(run.blocks) * self.u[c, r], f"used_{c}_{r}"
+                if r + 1 < len(self.runs):
+                    later = pulp.lpSum(self.n[c2, r] for c2 in range(c + 1, self.chunks))
+                    self.prob += later <= len(run.blocks) * (1 - self.u[c, r + 1]), f"order_{c}_{r}"
+
+    def add_balance_constraint(self) -> None:
+        """| sum_r n[c, r] - sum_r n[c + p, r] | <= 1 for the chunks of one pipeline rank."""
+        p, R = self.layout.pp, range(len(self.runs))
+        for c in range(self.chunks - p):
+            a, b = pulp.lpSum(self.n[c, r] for r in R), pulp.lpSum(self.n[c + p, r] for r in R)
+            self.prob += a - b <= 1, f"balance_up_{c}"
+            self.prob += b - a <= 1, f"balance_down_{c}"
+
+    def add_recompute_constraint(self) -> None:
+        """sum_a k[c, r, a] = n[c, r]: each placed block has one recompute mode."""
+        for (c, r), n in self.n.items():
+            self.prob += pulp.lpSum(self.k[c, r, a] for a in self.modes) == n, f"mode_{c}_{r}"
+
+    def add_time_constraint(self) -> None:
+        """T[s] = fixed_s + sum_{c on s, r, a} k[c, r, a] t[r, a];  T[s] <= T_max."""
+        for s in range(self.layout.pp):
+            fixed, _ = self._fixed(s)
+            work = pulp.lpSum(self.k[c, r, a] * run.time[a] for c in self._chunks_of(s)
+                              for r, run in enumerate(self.runs) for a in self.modes)
+            self.prob += self.T[s] == fixed + work, f"time_{s}"
+            self.prob += self.T[s] <= self.T_max, f"bottleneck_{s}"
+
+    def add_memory_constraint(self) -> None:
+        """(1 + reserve)(fixed + states + held * activations + full-recompute working set) <= capacity."""
+        lay = self.layout
+        for s in range(lay.pp):
+            _, fixed = self._fixed(s)
+            held = pipeline.in_flight(s, lay.pp, self.m, lay.vpp, lay.schedule)
+            chunks = self._chunks_of(s)
+            states = pulp.lpSum(self.n[c, r] * run.states for c in chunks for r, run in enumerate(self.runs))
+            acts = pulp.lpSum(self.k[c, r, a] * run.act[a] for c in chunks
+                              for r, run in enumerate(self.runs) for a in self.modes)
+            work = pulp.lpSum(self.f[s, r] * run.work for r, run in enumerate(self.runs))
+            if "full" in self.modes:
+                for r, run in enumerate(self.runs):
+                    full = pulp.lpSum(self.k[c, r, "full"] for c in chunks)
+                    self.prob += full <= len(run.blocks) * self.f[s, r], f"working_{s}_{r}"
+            total = (1 + memory.ALLOCATOR_RESERVE) * (fixed + states + held * acts + work)
+            self.prob += total <= self.profile.hbm_bytes, f"memory_{s}"
+
+    def _chunks_of(self, stage: int) -> list[int]:
+        return list(range(stage, self.chunks, self.layout.pp))
+
+    # ---------------------------------------------------------------- solve
+
+    def solve(self) -> StageAssignment | None:
+        """The optimal assignment, or None when no assignment fits in memory."""
+        self.prob.solve(_solver())
+        status = pulp.LpStatus[self.prob.status]
+        if status != "Optimal" or self.T_max.value() is None:  # CBC reports a time-limited incumbent as Optimal
+            return None
+        split = [round(sum(self.n[c, r].value() for r in range(len(self.runs)))) for c in range(self.chunks)]
+        return StageAssignment(split=split, recompute=self._modes(), objective_s=pulp.value(self.prob.objective),
+                               status=status)
+
+    def _modes(self) -> dict[str, str]:
+        """Give concrete blocks their modes: within each chunk and run, in the order none, selective, full."""
+        modes: dict[str, str] = {}
+        taken = [0] * len(self.runs)
+        for c in range(self.chunks):
+            for r, run in enumerate(self.runs):
+                for a in self.modes:
+                    for _ in range(round(self.k[c, r, a].value())):
+                        modes[run.blocks[taken[r]].name] = a
+                        taken[r] += 1
+        return modes
+
+
+def _runs(blocks: list[UnitWork]) -> list[list[UnitWork]]:
+    """Maximal runs of consecutive interchangeable blocks (equal costs: same signature in the capture)."""
+    runs: list[list[UnitWork]] = []
+    for w in blocks:
+        if runs and _same(runs[-1][0], w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
+def _same(a: UnitWork, b: UnitWork) -> bool:
+    return (a.kind, a.gemm_flops, a.attn_flops, a.act_bytes, a.dense_params, a.expert_params, a.experts) == (
+        b.kind, b.gemm_flops, b.attn_flops, b.act_bytes, b.dense_params, b.expert_params, b.experts)
+
+
+def _solver() -> pulp.LpSolver:
+    """HiGHS when installed, else the CBC that ships with PuLP; quiet, time-limited, deterministic."""
+    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+        return pulp.HiGHS(msg=False, timeLimit=TIME_LIMIT_S, threads=1)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=TIME_LIMIT_S, threads=1)
