@@ -1,7 +1,8 @@
 """Compute time of one unit for one micro-batch on one GPU.
 
 time = GEMM FLOPs / (peak(dtype) x efficiency(GEMM size))        (Calculon, Isaev et al. SC'23: per-op
-     + attention FLOPs / (bf16 peak x attention efficiency)        efficiency by size; attention fused)
+     + attention FLOPs / (bf16 peak x attention efficiency(size))  efficiency by size; attention fused,
+                                                                   one kernel per CP ring step)
      + elementwise HBM traffic / HBM bandwidth                     (norms, activations, rope: memory bound)
 Backward: GEMMs twice the forward (data and weight gradients); fused attention 2.5x (FlashAttention-2,
 arXiv:2307.08691: 5 matmuls backward against 2 forward); elementwise twice.
@@ -72,7 +73,11 @@ def unit_compute(
         attn_f = gemm_time(2 * work.attn_flops * tokens / shard, 2, "bf16", profile)
         attn_f += UNFUSED_SCORE_PASSES * work.score_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     else:
-        attn_f = work.attn_flops * tokens / shard / (profile.bf16_flops_per_s * profile.attention_efficiency)
+        # one kernel per context-parallel ring step; small kernels run below peak like small GEMMs
+        flops = work.attn_flops * tokens / shard
+        per_kernel = flops / cp
+        eff = profile.attention_efficiency * per_kernel / (per_kernel + profile.gemm_half_flops)
+        attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f
     bwd = GEMM_BWD_FACTOR * gemm_f + ATTN_BWD_FACTOR * attn_f + ELEMENTWISE_BWD_FACTOR * elem_f

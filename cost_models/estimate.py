@@ -103,7 +103,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     parts = [_stage_time(s, layout, training, profile, groups, tokens, m) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp)
-    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups)
+    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m)
     step = pipe + dp_exposed + opt
     mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention) for i, s in enumerate(stages)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
@@ -266,7 +266,7 @@ def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict
 
 
 def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,
-                   groups: dict[str, comm.Group]) -> tuple[float, float]:
+                   groups: dict[str, comm.Group], m: int) -> tuple[float, float]:
     """(exposed DP communication, optimizer step) in seconds, the slowest stage's."""
     exposed, opt = 0.0, 0.0
     for stage, part in zip(stages, parts, strict=True):
@@ -281,9 +281,12 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
                     t_grad += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
                     t_gather += comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
         # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
-        # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather)
+        # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather).
+        # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
         last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
-        exposed = max(exposed, max(0.0, t_grad - last_backward) + max(0.0, t_gather - first_forward))
+        reductions = m if layout.zero == 2 else 1
+        grad_exposed = reductions * max(0.0, t_grad - last_backward)
+        exposed = max(exposed, grad_exposed + max(0.0, t_gather - first_forward))
         sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
         opt = max(opt, optimizer_time(sharded, profile))
     return exposed, opt

@@ -44,7 +44,7 @@ from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
 from autoshard.hardware_profiles import Profile
 
-TIME_LIMIT_S = 5
+TIME_LIMIT_S = 2
 """Solver time limit per layout; the best assignment found by then is used."""
 
 

@@ -223,12 +223,12 @@ class Plan:
             f"layout       {self.layout_obj().to_string()}",
             f"step time    {p['step_time_s']:.4g} s   {p['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU   "
             f"MFU {p['mfu']:.1%}   HFU {p['hfu']:.1%}   {p['micro_batches']} micro-batches",
-            f"memory       {p['peak_memory_gib']:.1f} GiB of {p['memory_capacity_gib']:.1f} GiB per GPU "
+            f"memory       {p['peak_memory_gib']:.3g} GiB of {p['memory_capacity_gib']:.3g} GiB per GPU "
             f"({'fits' if p['fits'] else 'DOES NOT FIT'})",
             f"binding      {p['binding_constraint']}",
         ]
         lines += [f"{'stages' if s.stage == 0 else '':12} stage {s.stage}: {compact_units(s.units)}   "
-                  f"{s.predicted_time_s:.3g} s/micro-batch   {s.predicted_memory_gib:.1f} GiB" for s in self.stages]
+                  f"{s.predicted_time_s:.3g} s/micro-batch   {s.predicted_memory_gib:.3g} GiB" for s in self.stages]
         return "\n".join(lines + _alternatives_table(self.alternatives[:5]))
 
     def explain(self) -> str:
@@ -247,7 +247,7 @@ class Plan:
             _explain_mbs(ctx, lay["micro_batch"], p["micro_batches"]),
         ]
         head = (f"{self.layout_obj().to_string()} on {self.gpus} GPUs: {p['step_time_s']:.4g} s per step, "
-                f"{p['peak_memory_gib']:.1f} of {p['memory_capacity_gib']:.1f} GiB per GPU; "
+                f"{p['peak_memory_gib']:.3g} of {p['memory_capacity_gib']:.3g} GiB per GPU; "
                 f"binding constraint: {p['binding_constraint']}.")
         return "\n\n".join([head, *paragraphs])
 
@@ -505,7 +505,7 @@ def _alternatives_table(alts: Sequence[Alternative]) -> list[str]:
             f"  {'layout':<70} {'step s':>9} {'tok/s/GPU':>10} {'GiB':>7}  why not"]
     for a in alts:
         rows.append(f"  {_layout_obj(a.layout).to_string():<70} {a.step_time_s:>9.4g} "
-                    f"{a.tokens_per_sec_per_gpu:>10,.0f} {a.peak_memory_gib:>7.1f}  {a.why_not}")
+                    f"{a.tokens_per_sec_per_gpu:>10,.0f} {a.peak_memory_gib:>7.3g}  {a.why_not}")
     return rows
 
 

@@ -1,0 +1,261 @@
+"""Search over layouts: enumerate degree tuples, prune by a compute bound, price with the cost model, and
+refine the best few with the stage-assignment ILP (planner/ilp.py).
+
+1. Degree tuples (tp, cp, pp, dp, ep) with tp x cp x pp x dp = N, any divisors (2,520 = 8 x 35 x 9 is
+   real), under the constraints experts apply: tp inside one NVLink domain and dividing the attention
+   heads (kv heads divide tp or tp divides them: replicated kv heads), cp dividing seq_len / 2 (two chunks
+   per rank for causal balance), pp at most the blocks, ep dividing experts and dp x cp, dp dividing the
+   global batch.
+2. A lower bound per tuple: the model's FLOPs per step over N GPUs at the best GEMM efficiency, plus the
+   bubble at the most micro-batches and interleaving the tuple allows. Tuples are visited by bound; one
+   whose bound exceeds the best step time found is pruned unpriced.
+3. For each tuple, the inner choices: micro-batch, interleaving (vpp), then ZeRO stage and recompute from
+   the cheapest up, stopping at the first that fits (a heavier one only costs time).
+4. The best distinct degree tuples are re-solved by the ILP (stage split and per-block recompute), which
+   may recover time the uniform split lost (e.g. less recompute on late 1F1B stages), and ranked again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoshard.cost_models.estimate import Estimate, estimate
+from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
+from autoshard.cost_models.work import UnitWork, model_work
+from autoshard.hardware_profiles import Profile
+
+from .ilp import StageILP
+from .model_graph import ModelGraph
+
+MBS_CHOICES = (1, 2, 4, 8)
+VPP_CHOICES = (1, 2, 4)
+ZERO_ORDER = (1, 2, 3)
+"""ZeRO-1 first: it moves what plain DP moves and shards the optimizer state; 0 only when asked for."""
+ILP_CANDIDATES = 3
+
+
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    layout: Layout
+    estimate: Estimate
+    split: list[int] | None = None
+    recompute: dict[str, str] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class SearchResult:
+    best: Candidate | None
+    ranked: list[Candidate]
+    """Distinct layouts, fitting first, fastest first (the best included)."""
+    closest: Candidate | None
+    """When nothing fits: the layout that misses the memory limit by the least."""
+    tuples: int = 0
+    priced: int = 0
+    pruned: int = 0
+    ilp_solved: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
+           fixed: dict[str, Any] | None = None) -> SearchResult:
+    """Best layout for `gpus` GPUs; `fixed` holds layout keys the user gave (they are kept)."""
+    start = time.perf_counter()
+    fixed = dict(fixed or {})
+    work = model_work(graph)
+    tuples = degree_tuples(graph, gpus, training, profile, fixed)
+    result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
+    bound = _bound_fn(graph, training, profile, gpus)
+    best_time = math.inf
+    found: list[Candidate] = []
+    for degrees in sorted(tuples, key=bound):
+        if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed) > best_time:
+            result.pruned += 1
+            continue
+        for cand in _inner(graph, work, degrees, training, profile, fixed, result):
+            found.append(cand)
+            if cand.estimate.fits:
+                best_time = min(best_time, cand.estimate.step_time_s)
+    fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
+    _refine(graph, work, fits, training, profile, result)
+    fits = sorted(fits, key=_rank_key)
+    result.ranked = _distinct(fits)
+    result.best = result.ranked[0] if result.ranked else None
+    if result.best is None and found:
+        result.closest = min(found, key=lambda c: c.estimate.peak_memory_bytes - c.estimate.memory_capacity_bytes)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
+                  fixed: dict[str, Any]) -> list[tuple[int, int, int, int, int]]:
+    """(tp, cp, pp, dp, ep) under the constraints of the module docstring, `fixed` keys honoured."""
+    blocks = len(graph.blocks)
+    attn = next((b.attention for b in graph.blocks if b.attention), None)
+    moe = next((b.moe for b in graph.blocks if b.moe), None)
+    out = []
+    for tp in _choices("tp", divisors(gpus), fixed):
+        if tp > profile.nvlink_domain_gpus or not _tp_ok(tp, attn):
+            continue
+        for cp in _choices("cp", divisors(gpus // tp), fixed):
+            if cp > 1 and training.seq_len % (2 * cp):
+                continue
+            for pp in _choices("pp", divisors(gpus // (tp * cp)), fixed):
+                dp = gpus // (tp * cp * pp)
+                if pp > blocks or training.global_batch % dp or ("dp" in fixed and fixed["dp"] != dp):
+                    continue
+                for ep in _choices("ep", divisors(dp * cp) if moe else [1], fixed):
+                    if moe is not None and moe.num_experts % ep:
+                        continue
+                    out.append((tp, cp, pp, dp, ep))
+    return out
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _choices(key: str, values: list[int], fixed: dict[str, Any]) -> list[int]:
+    return [fixed[key]] if key in fixed and fixed[key] in values else ([] if key in fixed else values)
+
+
+def _tp_ok(tp: int, attn: Any) -> bool:
+    if attn is None:
+        return True
+    kv_ok = attn.kv_heads % tp == 0 or tp % attn.kv_heads == 0
+    return attn.heads % tp == 0 and kv_ok
+
+
+def _bound_fn(graph: ModelGraph, training: Training, profile: Profile, gpus: int):
+    """Seconds per step no layout of a tuple can beat: compute at the best efficiency plus the least bubble."""
+    flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
+    ideal = flops / (gpus * profile.peak_flops(training.precision) * profile.gemm_efficiency_max)
+
+    def bound(degrees: tuple[int, int, int, int, int]) -> float:
+        tp, cp, pp, dp, ep = degrees
+        m = training.global_batch // dp
+        vmax = max(v for v in VPP_CHOICES if pp * v <= len(graph.blocks)) if pp > 1 else 1
+        return ideal * (1 + (pp - 1) / (vmax * m))
+
+    return bound
+
+
+def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                  training: Training, profile: Profile, fixed: dict[str, Any]) -> float:
+    """The tuple priced at its most favourable inner choices, ignoring memory: no recompute, the most
+    interleaving, the smallest and largest micro-batch, and data-parallel traffic and optimizer for free.
+    No inner choice of the tuple is faster (recompute, ZeRO-3 and DP traffic only add time)."""
+    tp, cp, pp, dp, ep = degrees
+    per_dp = training.global_batch // dp
+    vpp = fixed.get("vpp") or max(v for v in VPP_CHOICES if (v == 1 or pp > 1) and pp * v <= len(graph.blocks))
+    times = []
+    for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))}:
+        layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1, recompute="none",
+                        schedule="interleaved_1f1b" if vpp > 1 else "1f1b")
+        est = estimate(graph, layout, training, profile, work=work)
+        times.append(est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"])
+    return min(times)
+
+
+def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
+    return _choices("mbs", [b for b in MBS_CHOICES if per_dp % b == 0], fixed) or [1]
+
+
+def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int], training: Training,
+           profile: Profile, fixed: dict[str, Any], result: SearchResult) -> list[Candidate]:
+    """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits."""
+    tp, cp, pp, dp, ep = degrees
+    per_dp = training.global_batch // dp
+    out = []
+    for mbs in _mbs_options(per_dp, fixed):
+        for vpp in _choices("vpp", [v for v in VPP_CHOICES if (v == 1 or pp > 1) and pp * v <= len(graph.blocks)], fixed):
+            schedule = fixed.get("schedule", "interleaved_1f1b" if vpp > 1 else "1f1b")
+            if vpp > 1 and schedule != "interleaved_1f1b":
+                continue
+            base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
+            layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
+                              recompute=r, **base)
+                       for z in _choices("zero", list(ZERO_ORDER), fixed)
+                       for r in _choices("recompute", list(RECOMPUTE), fixed)]
+            cand = _first_fit(graph, work, layouts, training, profile, result)
+            if cand is not None:
+                out.append(cand)
+        if out and not out[-1].estimate.fits:
+            break  # a larger micro-batch only needs more memory
+    return out
+
+
+def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,
+               profile: Profile, result: SearchResult) -> Candidate | None:
+    """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
+    those. When none fits, the layout closest to fitting (kept for the no-fit report)."""
+    best: Candidate | None = None
+    closest: Candidate | None = None
+    done: set[int] = set()
+    for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
+        if layout.zero in done:
+            continue
+        est = estimate(graph, layout, training, profile, work=work)
+        result.priced += 1
+        cand = Candidate(layout=layout, estimate=est)
+        if est.fits:
+            done.add(layout.zero)
+            if best is None or est.step_time_s < best.estimate.step_time_s:
+                best = cand
+        elif closest is None or est.peak_memory_bytes < closest.estimate.peak_memory_bytes:
+            closest = cand
+    return best or closest
+
+
+def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], training: Training,
+            profile: Profile, result: SearchResult) -> None:
+    """Re-solve the best few distinct layouts with the ILP (and the heavier-recompute ones, whose uniform
+    recompute the ILP can relax block by block)."""
+    for cand in _distinct(fits)[:ILP_CANDIDATES]:
+        if cand.layout.pp == 1 and cand.layout.recompute == "none":
+            continue  # one stage, nothing recomputed: the uniform plan is already the ILP's optimum
+        ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
+                       vocab=graph.vocab).build()
+        assignment = ilp.solve()
+        result.ilp_solved += 1
+        if assignment is None:
+            continue
+        layout = dataclasses.replace(cand.layout, recompute=_dominant(assignment.recompute))
+        est = estimate(graph, layout, training, profile, split=assignment.split, recompute=assignment.recompute,
+                       work=work)
+        if est.fits and est.step_time_s < cand.estimate.step_time_s:
+            cand.layout, cand.estimate = layout, est
+            cand.split, cand.recompute = assignment.split, assignment.recompute
+
+
+def _dominant(modes: dict[str, str]) -> str:
+    """The layout-level recompute: the mode most blocks use (per-block exceptions live in the plan)."""
+    counts = {m: 0 for m in RECOMPUTE}
+    for m in modes.values():
+        counts[m] += 1
+    return max(RECOMPUTE, key=lambda m: (counts[m], -RECOMPUTE.index(m)))
+
+
+def _rank_key(c: Candidate) -> tuple:
+    """Fastest first (to 3 significant digits, finer than the model can tell apart); among equals the
+    simpler layout (less CP, then PP, TP, EP), then less memory, then the layout string (deterministic)."""
+    lay = c.layout
+    return (float(f"{c.estimate.step_time_s:.3g}"), lay.cp, lay.pp * lay.vpp, lay.tp, lay.ep,
+            round(c.estimate.peak_memory_bytes), lay.to_string())
+
+
+def _distinct(cands: list[Candidate]) -> list[Candidate]:
+    """One candidate per degree tuple (the fastest), so alternatives differ in more than a micro-batch."""
+    seen: set[tuple] = set()
+    out = []
+    for c in cands:
+        key = (c.layout.tp, c.layout.cp, c.layout.pp, c.layout.dp, c.layout.ep)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
