@@ -1,10 +1,12 @@
 """autoshard: automatic parallelism planning and model transformation for PyTorch.
 
-The public API grows with the planner: today `capture` (a model on the meta device -> ModelGraph).
+`plan(model, gpus=..., profile=...) -> Plan`; `load_plan(path)`; `capture(model) -> ModelGraph`.
 """
 
+from autoshard.planner.api import plan
 from autoshard.planner.capture import capture
 from autoshard.planner.model_graph import ModelGraph
+from autoshard.planner.plan import Plan, load_plan
 
 __version__ = "0.1.0"
-__all__ = ["ModelGraph", "capture"]
+__all__ = ["ModelGraph", "Plan", "capture", "load_plan", "plan"]

@@ -50,6 +50,8 @@ class Estimate:
     micro_batches: int
     peak_stage: int
     stage_times_s: list[float]
+    stage_memory_bytes: list[float] = field(default_factory=list)
+    """Peak bytes per GPU of each pipeline stage."""
     time_breakdown: dict[str, float] = field(default_factory=dict)
     """Seconds per step: compute, recompute, bubble and each exposed communication."""
     memory_breakdown: dict[str, float] = field(default_factory=dict)
@@ -125,6 +127,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
         peak_memory_bytes=mems[peak].total,
         memory_capacity_bytes=profile.hbm_bytes,
         micro_batches=m, peak_stage=peak, stage_times_s=stage_times,
+        stage_memory_bytes=[mem.total for mem in mems],
         time_breakdown=breakdown,
         memory_breakdown={k: v for k, v in _mem_dict(mems[peak]).items() if v},
     )

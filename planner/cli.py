@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", help="tp=8,pp=4,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective[,schedule=..]")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the spec's)")
     p.add_argument("--precision", choices=PRECISIONS, help="matmul precision (default: the spec's, else bf16)")
+    p.add_argument("-o", "--output", help="write the plan as YAML to this file")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv)
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("interrupted", 130, args.debug)
     except Exception as exc:  # noqa: BLE001 - anything else is our bug: say so, briefly
         _fail(f"internal error: {type(exc).__name__}: {exc}. Please report it with the output of --debug.", 1, args.debug)
-    return 0
+    return 1
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
@@ -68,11 +72,46 @@ def _run(args: argparse.Namespace) -> int:
     if args.inspect:
         return _inspect(args)
     if args.gpus is None or args.profile is None:
-        raise UserError("give --gpus N and --profile NAME to plan (with a full --layout to estimate it), or "
-                        "--inspect to see the captured model.")
-    from .estimate_cmd import run_estimate
+        raise UserError("give --gpus N and --profile NAME to plan (--layout to fix some or all of the layout), "
+                        "or --inspect to see the captured model.")
+    from .api import plan
 
-    return run_estimate(args)
+    result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
+                  seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
+                  layout=args.layout, gpu_memory_gib=args.gpu_memory_gib)
+    if args.output:
+        result.save(args.output)
+    print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
+    if not result.predicted["fits"]:
+        over = result.predicted["peak_memory_gib"] - result.predicted["memory_capacity_gib"]
+        print(textwrap.fill(
+            f"error: this layout does not fit: {result.predicted['peak_memory_gib']:.1f} GiB per GPU against "
+            f"{result.predicted['memory_capacity_gib']:.1f} GiB ({over:.1f} GiB over). Try a higher ZeRO stage, "
+            "recompute=full, more pipeline stages or more GPUs, or leave keys out of --layout for the "
+            "planner to choose.", width=100), file=sys.stderr)
+        return 3
+    return 0
+
+
+SUBCOMMANDS = ("explain", "diff")
+
+
+def _subcommand(argv: list[str]) -> int:
+    """`plan explain PLAN.yaml` and `plan diff A.yaml B.yaml`."""
+    from .plan import diff, load_plan
+
+    p = argparse.ArgumentParser(prog=f"plan {argv[0]}")
+    p.add_argument("plans", nargs=1 if argv[0] == "explain" else 2, help="plan YAML file(s) written with -o")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv[1:])
+    try:
+        plans = [load_plan(path) for path in args.plans]
+    except FileNotFoundError as exc:
+        _fail(f"{exc.filename}: no such plan file. Write one with plan MODEL ... -o plan.yaml.", 2, args.debug)
+    except ValueError as exc:
+        _fail(f"not a valid plan: {exc}", 2, args.debug)
+    print(plans[0].explain() if argv[0] == "explain" else diff(*plans))
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

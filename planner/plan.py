@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from autoshard.cost_models.estimate import Estimate, _stage_memory, assign_stages
+from autoshard.cost_models.estimate import Estimate, assign_stages
 from autoshard.cost_models.layout import Layout
 from autoshard.cost_models.work import model_work
 from autoshard.hardware_profiles import Profile
 
-from .estimate_cmd import layout_json
 from .model_graph import ModelGraph, Unit
 
 try:
@@ -285,8 +284,10 @@ def build_plan(graph: ModelGraph, est: Estimate, profile: Profile, *, alternativ
 
 
 def plan_layout(layout: Layout) -> dict[str, Any]:
-    """layout_json plus async_tp."""
-    return {**layout_json(layout), "async_tp": layout.async_tp}
+    """The layout object of ARCHITECTURE.md's JSON (micro_batch for mbs), plus async_tp."""
+    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "ep": layout.ep,
+            "dp": layout.dp, "zero": layout.zero, "micro_batch": layout.mbs, "recompute": layout.recompute,
+            "schedule": layout.schedule, "sequence_parallel": layout.sp, "async_tp": layout.async_tp}
 
 
 def _layout_obj(d: dict[str, Any]) -> Layout:
@@ -302,15 +303,9 @@ def _layout_obj(d: dict[str, Any]) -> Layout:
 def _stages(graph: ModelGraph, est: Estimate, split: list[int] | None,
             recompute: dict[str, str]) -> list[StagePlan]:
     """The cost model's stage split, with each stage's time per micro-batch and peak memory."""
-    layout, training = est.layout, est.training
+    layout = est.layout
     stages = assign_stages(model_work(graph), layout, split)
-    memory = getattr(est, "stage_memory_bytes", None)
-    if memory is None:
-        # Estimate keeps only the peak stage's memory: price each stage as estimate() does
-        for stage in stages:
-            stage.recompute = {w.name: recompute.get(w.name, layout.recompute) for w in stage.units}
-        memory = [_stage_memory(s, i, layout, est.micro_batches, graph.vocab, layout.mbs * training.seq_len,
-                                training.attention).total for i, s in enumerate(stages)]
+    memory = est.stage_memory_bytes
     out = []
     for i, stage in enumerate(stages):
         names = [w.name for w in stage.units]

@@ -188,8 +188,8 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode == 2 and "Traceback" in out.stderr
 
 
-def test_planning_without_inspect_says_what_works(specs):
-    assert_user_error(plan(specs / "tiny_llama.yaml"), "--inspect")
+def test_planning_needs_gpus_and_profile(specs):
+    assert_user_error(plan(specs / "tiny_llama.yaml"), "--gpus", "--profile", "--inspect")
 
 
 # ------------------------------------------------------------------ estimate one full layout
@@ -204,7 +204,8 @@ def test_estimate_json_contract(specs):
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "cp": 1, "ep": 1, "dp": 2, "zero": 1, "micro_batch": 1,
-                           "recompute": "selective", "schedule": "1f1b", "sequence_parallel": True}
+                           "recompute": "selective", "schedule": "1f1b", "sequence_parallel": True,
+                           "async_tp": False}
     p = d["predicted"]
     for key in ("step_time_s", "tokens_per_sec_per_gpu", "mfu", "peak_memory_gib", "memory_capacity_gib"):
         assert p[key] > 0
@@ -216,7 +217,7 @@ def test_estimate_text_and_memory_override(specs):
     out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "H100_IB", "--layout", FULL,
                "--global-batch", "16", "--gpu-memory-gib", "96")
     assert out.returncode == 0, out.stderr
-    assert "of 96.0 GiB" in out.stdout and "tokens/s/GPU" in out.stdout
+    assert "of 96 GiB" in out.stdout and "tokens/s/GPU" in out.stdout
 
 
 def test_unknown_profile_lists_the_valid_ones(specs):
@@ -224,10 +225,13 @@ def test_unknown_profile_lists_the_valid_ones(specs):
     assert_user_error(out, "tpu_v5", "h100_ib", "a100_ib", "gb200_nvl72")
 
 
-def test_partial_layout_waits_for_the_planner(specs):
-    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--layout", "tp=2",
-               "--global-batch", "16")
-    assert_user_error(out, "missing", "planner")
+def test_partial_layout_fixes_those_keys(specs, tmp_path):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--layout", "tp=2,zero=3",
+               "--global-batch", "16", "--json", "-o", tmp_path / "plan.yaml")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["layout"]["tp"] == 2 and d["layout"]["zero"] == 3
+    assert (tmp_path / "plan.yaml").read_text().startswith("#")
 
 
 def test_layout_for_another_gpu_count(specs):
@@ -251,5 +255,5 @@ def test_cli_flags_are_frozen():
     flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
     assert flags == sorted([
         "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
-        "--precision", "--json", "--micro-batch", "--seq-len", "--debug",
+        "--precision", "--json", "--micro-batch", "--seq-len", "--debug", "-o", "--output",
     ])
