@@ -36,7 +36,6 @@ from autoshard.planner.loading import LoadedModel, token_inputs  # noqa: E402
 from autoshard.planner.model_graph import ModelGraph  # noqa: E402
 from autoshard.planner.reference_model import build_reference_model  # noqa: E402
 from autoshard.planner.spec import parse_spec  # noqa: E402
-
 from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"

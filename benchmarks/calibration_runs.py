@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
+
 from autoshard.cost_models.layout import Layout, Training
 from autoshard.planner.errors import SpecError
 from autoshard.planner.spec import parse_spec

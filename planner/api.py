@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Training, complete, parse_layout
 from autoshard.hardware_profiles import Profile, UnknownProfileError, load_profile
-from torch import nn
 
 from .capture import capture
 from .errors import UserError

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulp
+
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
 from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time

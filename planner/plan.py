@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from autoshard.cost_models.estimate import Estimate, assign_stages
 from autoshard.cost_models.layout import Layout
 from autoshard.cost_models.work import model_work

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from autoshard.planner.spec import ModelSpec
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
+
+from autoshard.planner.spec import ModelSpec
 
 __all__ = ["Attention", "FeedForward", "MoE", "Transformer", "TransformerBlock", "build_reference_model"]
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
 from autoshard.planner.errors import SpecError
 
 __all__ = ["MoESpec", "ModelSpec", "TrainingSpec", "load_spec", "parse_spec"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from autoshard.cost_models.layout import PRECISIONS, Layout, Training
 from autoshard.planner.spec import parse_spec
 

@@ -6,8 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from autoshard.planner.capture import capture
-from autoshard.planner.errors import CaptureError
 from toy_models import (
     AttnStack,
     MLPStack,
@@ -16,6 +14,9 @@ from toy_models import (
     SkipStack,
     ValueBranchStack,
 )
+
+from autoshard.planner.capture import capture
+from autoshard.planner.errors import CaptureError
 
 BF16 = 2  # bytes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
 from autoshard.cost_models.compute import gemm_efficiency, unit_compute

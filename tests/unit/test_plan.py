@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Layout, Training
 from autoshard.hardware_profiles import load_profile

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from autoshard.hardware_profiles import (
     FITTED_FIELDS,
     HERE,

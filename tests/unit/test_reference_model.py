@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from autoshard.planner.reference_model import Attention, MoE, Transformer, build_reference_model
 from autoshard.planner.spec import ModelSpec, load_spec
-from torch import Tensor
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 

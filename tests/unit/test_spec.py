@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from autoshard.planner.errors import SpecError, UserError
 from autoshard.planner.spec import ModelSpec, MoESpec, TrainingSpec, load_spec, parse_spec
 
