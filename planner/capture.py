@@ -53,10 +53,11 @@ def capture(
 
     `methods` restricts the trace methods tried, in order (tests use it to force a path).
     """
-    from .loading import load_model  # loading imports capture's callers; keep the import local
+    from .loading import load_model, with_seq_len  # loading imports capture's callers; keep the import local
 
     loaded = load_model(model)
     seq_len = seq_len or loaded.seq_len
+    loaded = with_seq_len(loaded, seq_len)
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch ({micro_batch}) and seq_len ({seq_len}) must be positive")
     module = to_meta(loaded.module)
@@ -272,7 +273,8 @@ def _measure(module: nn.Module, inputs: tuple, layout: _Layout) -> _Measured:
         raise CaptureError(
             f"the model's forward and backward could not run on the meta device: {type(exc).__name__}: "
             f"{_first_line(exc)}. autoshard measures FLOPs and activations without real weights, so the "
-            "forward must not read tensor values (.item(), .tolist(), Python branches on tensor data)."
+            "forward must not read tensor values (.item(), .tolist(), Python branches on tensor data); a "
+            "sequence length beyond the model's maximum (position tables) fails the same way."
         ) from exc
 
 

@@ -34,6 +34,7 @@ CBC (bundled with PuLP) solves it; HiGHS when installed. Deterministic; no files
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pulp
@@ -256,6 +257,11 @@ def _same(a: UnitWork, b: UnitWork) -> bool:
 
 def _solver() -> pulp.LpSolver:
     """HiGHS when installed, else the CBC that ships with PuLP; quiet, time-limited, deterministic."""
-    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+    available = pulp.listSolvers(onlyAvailable=True)
+    if "HiGHS" in available:
         return pulp.HiGHS(msg=False, timeLimit=TIME_LIMIT_S, threads=1)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=TIME_LIMIT_S, threads=1)
+    if "COIN_CMD" in available:
+        return pulp.COIN_CMD(msg=False, timeLimit=TIME_LIMIT_S, threads=1)
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC in favour of pulp[cbc]
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=TIME_LIMIT_S, threads=1)

@@ -9,6 +9,7 @@ Accepted (see ARCHITECTURE.md, "Model inputs"):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -148,6 +149,19 @@ def _load_spec(path: Path) -> LoadedModel:
         training=training,
         warnings=warnings,
     )
+
+
+def with_seq_len(loaded: LoadedModel, seq_len: int) -> LoadedModel:
+    """A spec model rebuilt for a longer sequence than its spec names (learned positions and RoPE tables
+    are sized by it); other models are returned as they are."""
+    if loaded.kind != "spec" or seq_len <= loaded.spec.seq_len:
+        return loaded
+    from .reference_model import build_reference_model
+
+    spec = dataclasses.replace(loaded.spec, seq_len=seq_len)
+    with torch.device("meta"):
+        module = build_reference_model(spec)
+    return dataclasses.replace(loaded, module=module, spec=spec)
 
 
 def _load_hf(path: Path) -> LoadedModel:

@@ -141,7 +141,10 @@ class Plan:
     alternatives: list[Alternative] = field(default_factory=list)
     """Best first."""
     provenance: dict[str, Any] = field(default_factory=dict)
-    """{autoshard_version, profile, profile_fitted_on, created_by, solver, solve_time_s}; no timestamps."""
+    """{autoshard_version, profile, profile_fitted_on, created_by, solver}; no timestamps, no timings:
+    the same inputs give byte-identical YAML."""
+    solve_time_s: float = field(default=0.0, compare=False)
+    """How long the search took (in the JSON output, not in the YAML)."""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -206,7 +209,7 @@ class Plan:
         """ARCHITECTURE.md's JSON object, with the stages (compact) and alternatives."""
         return {
             "layout": dict(self.layout), "predicted": dict(self.predicted),
-            "solve_time_s": self.provenance.get("solve_time_s", 0.0),
+            "solve_time_s": self.solve_time_s,
             "model": dict(self.model), "gpus": self.gpus, "profile": self.profile, "training": dict(self.training),
             "stages": [{"stage": s.stage, "units": compact_units(s.units), "time_s": s.predicted_time_s,
                         "memory_gib": s.predicted_memory_gib} for s in self.stages],
@@ -279,8 +282,8 @@ def build_plan(graph: ModelGraph, est: Estimate, profile: Profile, *, alternativ
         predicted=predicted,
         alternatives=[alternative(a, est) for a in alternatives],
         provenance={"autoshard_version": _version(), "profile": profile.name,
-                    "profile_fitted_on": profile.fitted_on, "created_by": "plan", "solver": solver,
-                    "solve_time_s": solve_time_s},
+                    "profile_fitted_on": profile.fitted_on, "created_by": "plan", "solver": solver},
+        solve_time_s=solve_time_s,
     )
 
 

@@ -36,6 +36,7 @@ VPP_CHOICES = (1, 2, 4)
 ZERO_ORDER = (1, 2, 3)
 """ZeRO-1 first: it moves what plain DP moves and shards the optimizer state; 0 only when asked for."""
 ILP_CANDIDATES = 3
+ALTERNATIVE_TUPLES = 5
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,16 +73,23 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     bound = _bound_fn(graph, training, profile, gpus)
     best_time = math.inf
     found: list[Candidate] = []
+    pruned: list[tuple[int, int, int, int, int]] = []
     for degrees in sorted(tuples, key=bound):
         if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed) > best_time:
-            result.pruned += 1
+            pruned.append(degrees)
             continue
         for cand in _inner(graph, work, degrees, training, profile, fixed, result):
             found.append(cand)
             if cand.estimate.fits:
                 best_time = min(best_time, cand.estimate.step_time_s)
+    # price a few pruned tuples too, so the plan can show why the next-best layouts lost
+    for degrees in pruned[:ALTERNATIVE_TUPLES]:
+        if len(_distinct([c for c in found if c.estimate.fits])) > ALTERNATIVE_TUPLES:
+            break
+        found.extend(_inner(graph, work, degrees, training, profile, fixed, result))
+    result.pruned = len(pruned)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
-    _refine(graph, work, fits, training, profile, result)
+    _refine(graph, work, fits, training, profile, result, fixed)
     fits = sorted(fits, key=_rank_key)
     result.ranked = _distinct(fits)
     result.best = result.ranked[0] if result.ranked else None
@@ -213,14 +221,15 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
 
 
 def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], training: Training,
-            profile: Profile, result: SearchResult) -> None:
+            profile: Profile, result: SearchResult, fixed: dict[str, Any]) -> None:
     """Re-solve the best few distinct layouts with the ILP (and the heavier-recompute ones, whose uniform
     recompute the ILP can relax block by block)."""
     for cand in _distinct(fits)[:ILP_CANDIDATES]:
         if cand.layout.pp == 1 and cand.layout.recompute == "none":
             continue  # one stage, nothing recomputed: the uniform plan is already the ILP's optimum
+        modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
-                       vocab=graph.vocab).build()
+                       vocab=graph.vocab, modes=modes).build()
         assignment = ilp.solve()
         result.ilp_solved += 1
         if assignment is None:

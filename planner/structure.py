@@ -42,10 +42,10 @@ def signature(module: nn.Module) -> str:
 def find_block_container(model: nn.Module) -> tuple[str, list[str]] | None:
     """The container of the repeated blocks: (its FQN, FQNs of its children of the repeated class).
 
-    Among ModuleList/Sequential modules with at least two children of one class, the one whose
-    repeated children hold the most parameters (so a model's layers win over a layer's experts).
+    Among ModuleList/Sequential modules, the class of children holding the most parameters (so a model's
+    layers win over a layer's experts, also when the model has a single layer).
     """
-    best: tuple[int, str, list[str]] | None = None
+    best: tuple[int, int, str, list[str]] | None = None
     for fqn, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
             continue
@@ -53,12 +53,12 @@ def find_block_container(model: nn.Module) -> tuple[str, list[str]] | None:
         for name, child in mod.named_children():
             by_class.setdefault(type(child), []).append(name)
         for names in by_class.values():
-            if len(names) < 2:
-                continue
             weight = sum(param_count(mod.get_submodule(n)) for n in names)
-            if best is None or weight > best[0]:
-                best = (weight, fqn, [_join(fqn, n) for n in names])
-    return None if best is None else (best[1], best[2])
+            # the most parameters wins: a model's layers over a layer's experts, even for one layer
+            key = (weight, len(names))
+            if best is None or key > best[:2]:
+                best = (*key, fqn, [_join(fqn, n) for n in names])
+    return None if best is None else (best[2], best[3])
 
 
 def unit_names(model: nn.Module, container: str | None) -> list[str]:

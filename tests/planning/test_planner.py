@@ -1,0 +1,127 @@
+"""Whole plans from 7 to 16,384 GPUs: constraints hold, plans fit, YAML round-trips, the search covers the
+published layouts, long sequences pick CP, and a model that fits nowhere says by how much."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from autoshard.cost_models.estimate import estimate
+from autoshard.cost_models.layout import Layout, Training
+from autoshard.hardware_profiles import load_profile
+from autoshard.planner.api import NoFitError, plan
+from autoshard.planner.capture import capture
+from autoshard.planner.plan import Plan
+from autoshard.planner.search import search
+
+SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+H100 = load_profile("h100_ib")
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return capture(SPECS / "llama3_8b.yaml", 1, 8192)
+
+
+@pytest.fixture(scope="module")
+def llama405b():
+    return capture(SPECS / "llama3_405b.yaml", 1, 8192)
+
+
+def check_plan(graph, result, gpus: int, training: Training) -> None:
+    """Every constraint of the search space holds for the chosen layout and it fits by its own model."""
+    best = result.best
+    assert best is not None
+    lay = best.layout
+    assert lay.tp * lay.pp * lay.cp * lay.dp == gpus
+    attn = graph.blocks[0].attention
+    assert lay.tp <= H100.nvlink_domain_gpus and attn.heads % lay.tp == 0
+    assert lay.pp * lay.vpp <= len(graph.blocks)
+    assert lay.cp == 1 or training.seq_len % (2 * lay.cp) == 0
+    assert training.global_batch % (lay.dp * lay.mbs) == 0
+    assert (lay.dp * lay.cp) % lay.ep == 0
+    assert best.estimate.fits
+
+
+@pytest.mark.parametrize(("gpus", "batch"), [(8, 64), (64, 256), (96, 192), (7, 14), (2520, 5040)])
+def test_llama8b_plans(llama8b, gpus, batch):
+    training = Training(global_batch=batch, seq_len=8192)
+    result = search(llama8b, gpus, training, H100)
+    check_plan(llama8b, result, gpus, training)
+
+
+def test_llama405b_on_16384_gpus_covers_the_published_layout(llama405b):
+    """Llama 3 (arXiv:2407.21783, Table 4): 16,384 H100s, TP 8, CP 1, PP 16, DP 128, 16M-token batches."""
+    training = Training(global_batch=2048, seq_len=8192)
+    result = search(llama405b, 16384, training, H100)
+    check_plan(llama405b, result, 16384, training)
+    for recompute in ("none", "selective", "full"):
+        published = estimate(llama405b, Layout(tp=8, pp=16, dp=128, recompute=recompute), training, H100)
+        if published.fits:
+            assert result.best.estimate.step_time_s <= published.step_time_s * (1 + 1e-9)
+
+
+def test_nothing_fits_says_by_how_much():
+    with pytest.raises(NoFitError) as info:
+        plan(SPECS / "llama3_405b.yaml", gpus=8, profile="h100_ib", global_batch=16)
+    message = str(info.value)
+    assert info.value.exit_code == 3
+    assert "GiB over" in message and "fits on" in message
+
+
+def test_long_sequences_choose_context_parallelism():
+    """Llama-3 8B at 128K tokens on 64 GPUs: activations need the sequence split."""
+    graph = capture(SPECS / "llama3_8b.yaml", 1, 131072)
+    training = Training(global_batch=64, seq_len=131072)
+    result = search(graph, 64, training, H100)
+    check_plan(graph, result, 64, training)
+    assert result.best.layout.cp > 1
+
+
+def test_moe_plan_uses_expert_parallelism():
+    graph = capture(SPECS / "mixtral_8x7b.yaml", 1, 4096)
+    training = Training(global_batch=512, seq_len=4096)
+    result = search(graph, 64, training, H100)
+    check_plan(graph, result, 64, training)
+    moe = next(b.moe for b in graph.blocks if b.moe)
+    assert moe.num_experts % result.best.layout.ep == 0
+
+
+def test_fixed_keys_are_kept(llama8b):
+    training = Training(global_batch=256, seq_len=8192)
+    result = search(llama8b, 64, training, H100, fixed={"tp": 4, "recompute": "full"})
+    assert result.best.layout.tp == 4 and result.best.layout.recompute == "full"
+
+
+def test_plan_yaml_is_deterministic_and_round_trips(tmp_path):
+    kwargs = dict(gpus=64, profile="h100_ib", global_batch=256)
+    a = plan(SPECS / "llama3_8b.yaml", **kwargs)
+    b = plan(SPECS / "llama3_8b.yaml", **kwargs)
+    assert a.to_yaml() == b.to_yaml()
+    assert Plan.from_yaml(a.to_yaml()) == a
+    assert len(a.alternatives) == 5
+
+
+def test_full_layout_only_estimates():
+    p = plan(SPECS / "llama3_8b.yaml", gpus=64, profile="h100_ib", global_batch=256,
+             layout="tp=8,pp=1,vpp=1,cp=1,ep=1,dp=8,zero=1,mbs=1,recompute=selective")
+    assert p.layout["tp"] == 8 and p.provenance["solver"].startswith("none")
+
+
+def test_ilp_split_is_priced_like_estimate(llama405b):
+    """The ILP's objective and estimate() agree on the chosen split (DP traffic and optimizer aside)."""
+    from autoshard.cost_models.work import model_work
+    from autoshard.planner.ilp import StageILP
+
+    training = Training(global_batch=2048, seq_len=8192)
+    layout = Layout(tp=8, pp=16, dp=128)
+    work = model_work(llama405b)
+    assignment = StageILP(work, layout, training, H100, vocab=llama405b.vocab).build().solve()
+    est = estimate(llama405b, dataclasses.replace(layout), training, H100, split=assignment.split,
+                   recompute=assignment.recompute, work=work)
+    assert est.fits
+    assert sum(assignment.split) == len(llama405b.blocks)
+    extra = est.time_breakdown["dp_exposed"] + est.time_breakdown["optimizer"]
+    assert est.step_time_s - extra == pytest.approx(assignment.objective_s, rel=1e-3)
