@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import structure
 from .errors import CaptureError
 from .model_graph import ModelGraph, Unit, cuts_from_flow, edges_from_flow
+from .repeat import capture_repeated
 
 METHODS = ("fx", "export", "hooks")
 Flow = list[tuple[str, str, int, bool]]
@@ -48,10 +49,13 @@ def capture(
     *,
     dtype: torch.dtype = torch.bfloat16,
     methods: Sequence[str] = METHODS,
+    repeat: bool = True,
 ) -> ModelGraph:
     """Capture `model` (an nn.Module, or a path to model.py, spec.yaml or a Hugging Face config) on meta.
 
-    `methods` restricts the trace methods tried, in order (tests use it to force a path).
+    `methods` restricts the trace methods tried, in order (tests use it to force a path). `repeat` captures
+    two blocks of each run of identical blocks and repeats them (planner/repeat.py); False captures every
+    block (and keeps the whole model's fx GraphModule).
     """
     from .loading import load_model, with_seq_len  # loading imports capture's callers; keep the import local
 
@@ -64,10 +68,16 @@ def capture(
     declared = _param_bytes(module)
     module.to(dtype)
     inputs = loaded.example_inputs(micro_batch, seq_len)
-    graph = _capture_module(module, inputs, methods)
+    graph = None
+    if repeat:
+        graph = capture_repeated(module, lambda mod: _capture_module(mod, inputs, methods))
+    if graph is None:
+        graph = _capture_module(module, inputs, methods)
+    graph.params = sum(p.numel() for p in module.parameters())
+    graph.tied = _tied(module)
     graph.name, graph.micro_batch, graph.seq_len, graph.dtype = loaded.name, micro_batch, seq_len, str(dtype)
     graph.param_bytes = declared
-    graph.warnings = list(loaded.warnings)
+    graph.warnings = list(loaded.warnings) + graph.warnings
     return graph
 
 

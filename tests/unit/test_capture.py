@@ -99,7 +99,7 @@ def test_three_methods_give_the_same_graph():
 
 
 def test_three_methods_agree_on_reference_llama(specs):
-    graphs = [capture(specs / "tiny_llama.yaml", 1, 16, methods=[m]) for m in ("fx", "export", "hooks")]
+    graphs = [capture(specs / "tiny_llama.yaml", 1, 16, methods=[m], repeat=False) for m in ("fx", "export", "hooks")]
     assert comparable(graphs[0]) == comparable(graphs[1]) == comparable(graphs[2])
     assert graphs[0].gm is not None and graphs[2].gm is None
 
@@ -191,3 +191,33 @@ def test_gpt_block_matches_korthikanti_outside_the_core(specs):
     # the core on meta runs SDPA's math kernel in fp32: q, k, v and the s x s probabilities
     heads = block.attention.heads
     assert block.attention.core_saved_bytes == 4 * (3 * t * h) + 4 * b * heads * s * s
+
+
+@pytest.mark.parametrize("model", ["examples/specs/tiny_llama.yaml", "examples/specs/tiny_gpt.yaml",
+                                   "examples/models/gpt2_small.py", "tests/data/hf/tiny_llama", "mlp6", "moe6"])
+def test_repeated_blocks_give_the_full_graph(model, tmp_path):
+    """Capturing three blocks of each run and repeating them (planner/repeat.py) equals capturing all."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    if model == "mlp6":
+        source = MLPStack(layers=6)
+    elif model == "moe6":  # one dense block, then five MoE blocks: two runs
+        spec = yaml.safe_load((root / "examples/specs/tiny_moe.yaml").read_text())
+        spec["model"]["layers"] = 6
+        source = tmp_path / "moe6.yaml"
+        source.write_text(yaml.safe_dump(spec))
+    else:
+        source = root / model
+    full = capture(source, 1, 16, repeat=False)
+    fast = capture(source, 1, 16)
+    assert comparable(fast) == comparable(full)
+    assert full.gm is not None or full.capture_method != "fx"
+
+
+def test_skip_connections_fall_back_to_the_full_capture():
+    g = capture(SkipStack(layers=6), 1, 8)
+    assert not any("repeated" in w for w in g.warnings)
+    assert [g.cut_name(k) for k in g.cut_points] == ["emb|layers.0", "layers.0|layers.1", "layers.5|head"]
