@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/plan examples/specs/llama3_8b.yaml --inspect
 	$(VENV)/bin/plan examples/models/gpt2_small.py --inspect
+	$(VENV)/bin/plan examples/specs/llama3_70b.yaml --gpus 1024 --profile h100_ib --global-batch 1024
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
