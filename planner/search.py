@@ -35,7 +35,7 @@ MBS_CHOICES = (1, 2, 4, 8)
 VPP_CHOICES = (1, 2, 4)
 ZERO_ORDER = (1, 2, 3)
 """ZeRO-1 first: it moves what plain DP moves and shards the optimizer state; 0 only when asked for."""
-ILP_CANDIDATES = 3
+ILP_CANDIDATES = 2
 ALTERNATIVE_TUPLES = 5
 
 

@@ -210,7 +210,7 @@ def test_estimate_json_contract(specs):
     for key in ("step_time_s", "tokens_per_sec_per_gpu", "mfu", "peak_memory_gib", "memory_capacity_gib"):
         assert p[key] > 0
     assert p["fits"] is True and d["solve_time_s"] >= 0
-    assert p["tokens_per_sec_per_gpu"] == pytest.approx(16 * 32 / p["step_time_s"] / 8)
+    assert p["tokens_per_sec_per_gpu"] == pytest.approx(16 * 32 / p["step_time_s"] / 8, rel=1e-5)  # 6 digits kept
 
 
 def test_estimate_text_and_memory_override(specs):
@@ -257,3 +257,21 @@ def test_cli_flags_are_frozen():
         "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
         "--precision", "--json", "--micro-batch", "--seq-len", "--debug", "-o", "--output",
     ])
+
+
+def test_explain_and_diff_from_the_command_line(specs, tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    common = ["--gpus", "8", "--profile", "h100_ib", "--global-batch", "16"]
+    assert plan(specs / "tiny_llama.yaml", *common, "-o", a).returncode == 0
+    assert plan(specs / "tiny_llama.yaml", *common, "--layout", "tp=2", "-o", b).returncode == 0
+    out = plan("explain", a)
+    assert out.returncode == 0 and "tp=" in out.stdout and "dp=" in out.stdout
+    out = plan("diff", a, b)
+    assert out.returncode == 0 and "tp" in out.stdout
+    assert "identical" in plan("diff", a, a).stdout
+
+
+def test_explain_bad_plan_files(tmp_path):
+    assert_user_error(plan("explain", tmp_path / "missing.yaml"), "no such plan file")
+    bad = write(tmp_path, "bad.yaml", "schema_version: 99\n")
+    assert_user_error(plan("explain", bad), "schema_version")
