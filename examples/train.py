@@ -6,8 +6,8 @@
 
 Tokens come from the seed (the same global batch whatever the layout); AdamW; rank 0 prints one JSON line
 per step: {"step": i, "loss": x}. Degrees the layout leaves out are 1, except dp, which takes the remaining
-ranks. This version runs data parallelism with ZeRO 0-3 and activation recomputation; tp, pp, cp and ep
-come with the later transform issues and are refused with exit code 2.
+ranks. This version runs tensor parallelism (tp), data parallelism with ZeRO 0-3 and activation
+recomputation; pp, cp and ep come with the later transform issues and are refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from autoshard.planner.loading import load_model  # noqa: E402
 from autoshard.transforms.ac import apply_ac  # noqa: E402
 from autoshard.transforms.dp import apply_dp  # noqa: E402
 
-UNSUPPORTED = ("tp", "pp", "cp", "ep", "vpp")
+UNSUPPORTED = ("pp", "cp", "ep", "vpp")
 
 
 def main() -> int:
@@ -46,9 +46,16 @@ def main() -> int:
         return _fail(f"--layout sets {', '.join(f'{k}={layout[k]}' for k in not_yet)}: this version runs data "
                      "parallelism (dp, zero 0-3) and recompute only; tensor, pipeline, context and expert "
                      "parallelism come with the next transforms.")
-    dp = layout.get("dp", world)
-    if dp != world:
-        return _fail(f"--layout dp={dp} but {world} processes were started")
+    tp = layout.get("tp", 1)
+    if world % tp:
+        return _fail(f"--layout tp={tp} does not divide the {world} processes")
+    dp = layout.get("dp", world // tp)
+    if dp * tp != world:
+        return _fail(f"--layout dp={dp} x tp={tp} but {world} processes were started")
+    zero = layout.get("zero", 0 if tp == 1 else 3)
+    if tp > 1 and dp > 1 and zero < 2:
+        return _fail(f"zero={zero} with tp > 1 needs DDP over DTensor parameters, which PyTorch lacks; use "
+                     "zero=2 or zero=3 (FSDP2 over the dp axis)")
     if args.global_batch % (dp * args.micro_batch):
         return _fail(f"--global-batch {args.global_batch} is not divisible by dp({dp}) x micro-batch({args.micro_batch})")
     try:
@@ -56,14 +63,30 @@ def main() -> int:
     except UserError as exc:
         return _fail(str(exc))
     blocks = _blocks(model)
-    apply_ac(model, blocks=blocks, modes=dict.fromkeys(blocks, layout.get("recompute", "none")))
+    mesh = None
     if world > 1:
-        model, optimizer = apply_dp(model, zero=layout.get("zero", 0), blocks=blocks, lr=args.lr,
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))  # TP innermost
+    if tp > 1:  # fixed order: TP, then recompute, then DP/ZeRO (transforms/apply.py's order)
+        from autoshard.planner.capture import capture
+        from autoshard.transforms.tp import apply_tp
+
+        try:
+            apply_tp(model, mesh=mesh["tp"], graph=capture(model, 1, args.seq_len))
+        except ValueError as exc:
+            return _fail(str(exc))
+    apply_ac(model, blocks=blocks, modes=dict.fromkeys(blocks, layout.get("recompute", "none")))
+    if dp > 1:
+        model, optimizer = apply_dp(model, zero=zero, blocks=blocks, lr=args.lr, mesh=mesh["dp"] if zero >= 2 else None,
                                     sparse_grads=_has_experts(model))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    dp_group = mesh["dp"].get_group() if mesh is not None and dp > 1 else None
     for step in range(args.steps):
-        loss = _train_step(model, optimizer, _batch(args, vocab, step), rank, dp, args.micro_batch)
+        loss = _train_step(model, optimizer, _batch(args, vocab, step), dp_rank, dp, args.micro_batch, dp_group)
         if rank == 0:
             print(json.dumps({"step": step, "loss": loss}), flush=True)
     if world > 1:
@@ -138,7 +161,7 @@ def _batch(args: argparse.Namespace, vocab: int, step: int) -> torch.Tensor:
     return torch.randint(0, vocab, (args.global_batch, args.seq_len + 1), generator=g)
 
 
-def _train_step(model, optimizer, tokens: torch.Tensor, rank: int, dp: int, micro_batch: int) -> float:
+def _train_step(model, optimizer, tokens: torch.Tensor, rank: int, dp: int, micro_batch: int, group=None) -> float:
     """One optimizer step on this rank's share of the batch; returns the global mean loss."""
     local = tokens.chunk(dp)[rank]
     micro = local.split(micro_batch)
@@ -152,7 +175,7 @@ def _train_step(model, optimizer, tokens: torch.Tensor, rank: int, dp: int, micr
         total += loss.detach() / len(micro)
     optimizer.step()
     if dp > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         total /= dp
     return total.item()
 
