@@ -1,12 +1,14 @@
 """autoshard: automatic parallelism planning and model transformation for PyTorch.
 
-`plan(model, gpus=..., profile=...) -> Plan`; `load_plan(path)`; `capture(model) -> ModelGraph`.
+`plan(model, gpus=..., profile=...) -> Plan`; `load_plan(path)`; `apply_plan(model, plan) -> ParallelModel`;
+`capture(model) -> ModelGraph`.
 """
 
 from autoshard.planner.api import plan
 from autoshard.planner.capture import capture
 from autoshard.planner.model_graph import ModelGraph
 from autoshard.planner.plan import Plan, load_plan
+from autoshard.transforms.apply import ParallelModel, apply_plan
 
 __version__ = "0.1.0"
-__all__ = ["ModelGraph", "Plan", "capture", "load_plan", "plan"]
+__all__ = ["ModelGraph", "ParallelModel", "Plan", "apply_plan", "capture", "load_plan", "plan"]

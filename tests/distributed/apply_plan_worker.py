@@ -1,0 +1,29 @@
+"""Worker for test_apply_plan.py (launched by torchrun): plan tiny_llama with the given layout keys, apply
+the plan, train 5 steps on train.py's synthetic tokens, print the losses as JSON lines on rank 0."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import autoshard
+from autoshard.planner.reference_model import build_reference_model
+from autoshard.planner.spec import load_spec
+
+SPEC = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"
+SEED, BATCH, SEQ = 7, 8, 32
+
+dist.init_process_group("gloo")
+plan = autoshard.plan(SPEC, gpus=dist.get_world_size(), profile="h100_ib", global_batch=BATCH, seq_len=SEQ,
+                      layout=sys.argv[1])
+torch.manual_seed(SEED)
+parallel = autoshard.apply_plan(build_reference_model(load_spec(SPEC)[0]), plan)
+for step in range(5):
+    tokens = torch.randint(0, 256, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(SEED * 100_003 + step))
+    loss = parallel.train_step(tokens)
+    if dist.get_rank() == 0:
+        print(json.dumps({"step": step, "loss": loss}), flush=True)
+dist.barrier()
+dist.destroy_process_group()

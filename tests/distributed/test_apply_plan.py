@@ -1,0 +1,37 @@
+"""autoshard.apply_plan runs a Plan and matches the unsharded model (5 AdamW steps, 1e-4 relative)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_dp_ac import TINY_LLAMA, assert_close, reference
+
+WORKER = Path(__file__).with_name("apply_plan_worker.py")
+
+
+@pytest.mark.parametrize("layout", ["tp=2,pp=1,cp=1,ep=1", "tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1"])
+def test_apply_plan_matches_the_unsharded_model(layout):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), layout]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
+    assert_close(losses, reference(TINY_LLAMA))
+
+
+def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
+    import autoshard
+    from autoshard.planner.errors import UserError
+    from autoshard.planner.reference_model import build_reference_model
+    from autoshard.planner.spec import load_spec
+
+    plan = autoshard.plan(TINY_LLAMA, gpus=2, profile="h100_ib", global_batch=8, seq_len=32)
+    with pytest.raises(UserError, match="2 GPUs but 1 processes"):
+        autoshard.apply_plan(build_reference_model(load_spec(TINY_LLAMA)[0]), plan)
+    single = autoshard.plan(TINY_LLAMA, gpus=1, profile="h100_ib", global_batch=8, seq_len=32)
+    other = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_gpt.yaml"
+    with pytest.raises(UserError, match="another model"):
+        autoshard.apply_plan(build_reference_model(load_spec(other)[0]), single)
