@@ -92,6 +92,8 @@ def main() -> int:
     if world > 1:
         dist.barrier()  # let every rank finish its last collective before the group goes away
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
     return 0
 
 

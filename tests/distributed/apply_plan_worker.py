@@ -2,6 +2,7 @@
 the plan, train 5 steps on train.py's synthetic tokens, print the losses as JSON lines on rank 0."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,3 +28,5 @@ for step in range(5):
         print(json.dumps({"step": step, "loss": loss}), flush=True)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
