@@ -13,7 +13,7 @@ keeps: Korthikanti et al., arXiv:2205.05198, Table 2: sbh(10 + 24/t)) and by CP 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .work import UnitWork
 
@@ -43,7 +43,6 @@ class StageMemory:
     logits: float = 0.0
     buffers: float = 0.0
     reserve: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> float:

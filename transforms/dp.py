@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -55,9 +54,3 @@ def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: f
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
     return model, torch.optim.AdamW(model.parameters(), **adamw)
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size), (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
