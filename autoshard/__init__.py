@@ -8,7 +8,7 @@ from autoshard.planner.api import plan
 from autoshard.planner.capture import capture
 from autoshard.planner.model_graph import ModelGraph
 from autoshard.planner.plan import Plan, load_plan
-from autoshard.transforms.apply import ParallelModel, apply_plan
+from autoshard.transforms.apply import ParallelModel, apply_plan, parallelize
 
 __version__ = "0.1.0"
-__all__ = ["ModelGraph", "ParallelModel", "Plan", "apply_plan", "capture", "load_plan", "plan"]
+__all__ = ["ModelGraph", "ParallelModel", "Plan", "apply_plan", "capture", "load_plan", "parallelize", "plan"]

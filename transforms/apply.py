@@ -90,3 +90,14 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs)
+
+
+def parallelize(model: nn.Module, *, profile: str, global_batch: int, seq_len: int, gpus: int | None = None,
+                layout: str | dict | None = None, lr: float = 1e-3) -> ParallelModel:
+    """Plan `model` for this job's GPUs (the process group's size unless given) and apply the plan."""
+    from autoshard.planner.api import plan as make_plan
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    chosen = make_plan(model, gpus=gpus or world, profile=profile, global_batch=global_batch, seq_len=seq_len,
+                       layout=layout)
+    return apply_plan(model, chosen, lr=lr)

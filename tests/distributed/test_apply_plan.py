@@ -35,3 +35,21 @@ def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
     other = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_gpt.yaml"
     with pytest.raises(UserError, match="another model"):
         autoshard.apply_plan(build_reference_model(load_spec(other)[0]), single)
+
+
+def test_parallelize_plans_and_applies_in_one_call():
+    """One process: the plan is the single-GPU layout and training matches the unsharded reference."""
+    import torch
+
+    import autoshard
+    from autoshard.planner.reference_model import build_reference_model
+    from autoshard.planner.spec import load_spec
+
+    torch.manual_seed(7)
+    parallel = autoshard.parallelize(build_reference_model(load_spec(TINY_LLAMA)[0]), profile="h100_ib",
+                                     global_batch=8, seq_len=32, layout="recompute=none,mbs=8")
+    losses = []
+    for step in range(5):
+        g = torch.Generator().manual_seed(7 * 100_003 + step)
+        losses.append(parallel.train_step(torch.randint(0, 256, (8, 33), generator=g)))
+    assert_close(losses, reference(TINY_LLAMA))
