@@ -41,7 +41,8 @@ held = {
 if hasattr(optimizer, "optim"):  # ZeroRedundancyOptimizer keeps its shard's state in the wrapped optimizer
     held["optimizer"] = sum(v.numel() * v.element_size() for s in optimizer.optim.state.values()
                             for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-print(json.dumps(held), flush=True)
+if dist.get_rank() == 0:  # one writer: two ranks' lines can interleave on the shared stdout
+    print(json.dumps(held), flush=True)
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
