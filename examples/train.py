@@ -1,13 +1,19 @@
 """Train a model on synthetic tokens under a parallel layout; the contract the tests and users rely on.
 
     torchrun --nproc-per-node K examples/train.py --model MODEL --layout L --steps N --seed S
-             [--micro-batch M] [--global-batch B] [--seq-len T] [--lr LR]
+             [--micro-batch M] [--global-batch B] [--seq-len T] [--lr LR] [--plan plan.yaml]
     python examples/train.py --model MODEL --steps N --seed S        # the unsharded reference
 
 Tokens come from the seed (the same global batch whatever the layout); AdamW; rank 0 prints one JSON line
 per step: {"step": i, "loss": x}. Degrees the layout leaves out are 1, except dp, which takes the remaining
-ranks. This version runs tensor parallelism (tp), data parallelism with ZeRO 0-3 and activation
-recomputation; pp, cp and ep come with the later transform issues and are refused with exit code 2.
+ranks; zero defaults to 0 (plain data parallel). `--plan` runs a plan written by `plan ... -o plan.yaml`
+(its layout, micro-batch and per-block recompute; --layout must then be empty).
+
+The model is built with its parameters on the meta device and every rank allocates and initialises only its
+shards (transforms/init.py: seeded per parameter, so every layout starts from the unsharded model's exact
+weights). `--grads-out F` saves the whole gradients after the first step (rank 0) for equivalence tests.
+Pipeline, context and expert parallelism come with the later transform issues; layouts using them are
+refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,81 +26,68 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoshard.cost_models.layout import parse_layout  # noqa: E402
+from autoshard.cost_models.layout import complete, parse_layout  # noqa: E402
 from autoshard.planner import structure  # noqa: E402
+from autoshard.planner.capture import capture  # noqa: E402
 from autoshard.planner.errors import UserError  # noqa: E402
 from autoshard.planner.loading import load_model  # noqa: E402
-from autoshard.transforms.ac import apply_ac  # noqa: E402
-from autoshard.transforms.dp import apply_dp  # noqa: E402
-
-UNSUPPORTED = ("pp", "cp", "ep", "vpp")
+from autoshard.planner.plan import fingerprint, load_plan  # noqa: E402
+from autoshard.transforms.apply import apply_layout  # noqa: E402
+from autoshard.transforms.init import meta_parameters  # noqa: E402
 
 
 def main() -> int:
     args = _parser().parse_args()
-    try:
-        layout = parse_layout(args.layout or "")
-    except ValueError as exc:
-        return _fail(f"--layout: {exc}")
-    rank, world = _init_distributed()
-    not_yet = [k for k in UNSUPPORTED if layout.get(k, 1) != 1]
-    if not_yet:
-        return _fail(f"--layout sets {', '.join(f'{k}={layout[k]}' for k in not_yet)}: this version runs data "
-                     "parallelism (dp, zero 0-3) and recompute only; tensor, pipeline, context and expert "
-                     "parallelism come with the next transforms.")
-    tp = layout.get("tp", 1)
-    if world % tp:
-        return _fail(f"--layout tp={tp} does not divide the {world} processes")
-    dp = layout.get("dp", world // tp)
-    if dp * tp != world:
-        return _fail(f"--layout dp={dp} x tp={tp} but {world} processes were started")
-    zero = layout.get("zero", 0 if tp == 1 else 3)
-    if tp > 1 and dp > 1 and zero < 2:
-        return _fail(f"zero={zero} with tp > 1 needs DDP over DTensor parameters, which PyTorch lacks; use "
-                     "zero=2 or zero=3 (FSDP2 over the dp axis)")
-    if args.global_batch % (dp * args.micro_batch):
-        return _fail(f"--global-batch {args.global_batch} is not divisible by dp({dp}) x micro-batch({args.micro_batch})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         model, vocab = _build(args)
-    except UserError as exc:
-        return _fail(str(exc))
-    blocks = _blocks(model)
-    mesh = None
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))  # TP innermost
-    if tp > 1:  # fixed order: TP, then recompute, then DP/ZeRO (transforms/apply.py's order)
-        from autoshard.planner.capture import capture
-        from autoshard.transforms.tp import apply_tp
-
-        try:
-            apply_tp(model, mesh=mesh["tp"], graph=capture(model, 1, args.seq_len))
-        except ValueError as exc:
-            return _fail(str(exc))
-    apply_ac(model, blocks=blocks, modes=dict.fromkeys(blocks, layout.get("recompute", "none")))
-    if dp > 1:
-        model, optimizer = apply_dp(model, zero=zero, blocks=blocks, lr=args.lr, mesh=mesh["dp"] if zero >= 2 else None,
-                                    sparse_grads=_has_experts(model))
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    dp_group = mesh["dp"].get_group() if mesh is not None and dp > 1 else None
+        graph = capture(model, 1, args.seq_len)
+        layout, recompute = _layout(args, world, graph)
+        if args.global_batch % (layout.dp * layout.mbs):
+            raise UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout.dp}) x "
+                            f"micro-batch({layout.mbs})")
+        rank = _init_distributed(world)
+        parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed)
+    except (UserError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for step in range(args.steps):
-        loss = _train_step(model, optimizer, _batch(args, vocab, step), dp_rank, dp, args.micro_batch, dp_group)
+        loss = parallel.train_step(_batch(args, vocab, step))
         if rank == 0:
             print(json.dumps({"step": step, "loss": loss}), flush=True)
+        if step == 0 and args.grads_out:
+            grads = parallel.full_gradients()
+            if rank == 0:
+                torch.save(grads, args.grads_out)
     if world > 1:
         dist.barrier()  # let every rank finish its last collective before the group goes away
         dist.destroy_process_group()
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
     return 0
+
+
+def _layout(args: argparse.Namespace, world: int, graph) -> tuple:
+    """The Layout (and per-block recompute) from --layout or --plan, checked against the world size."""
+    if args.plan:
+        if args.layout:
+            raise UserError("give --layout or --plan, not both")
+        plan = load_plan(args.plan)
+        if plan.gpus != world:
+            raise UserError(f"{args.plan} is a plan for {plan.gpus} GPUs but {world} processes were started")
+        if plan.model.get("fingerprint") != fingerprint(graph):
+            raise UserError(f"{args.plan} was made for another model ({plan.model.get('name')}); re-plan {args.model}")
+        recompute = {}
+        for stage in plan.stages:
+            recompute.update(stage.recompute)
+        return plan.layout_obj(), recompute
+    partial = parse_layout(args.layout or "")
+    partial.setdefault("zero", 0)
+    partial.setdefault("mbs", args.micro_batch)
+    return complete(partial, world), None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,79 +100,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--plan", help="a plan .yaml to run instead of --layout")
+    p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def _init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _init_distributed(world: int) -> int:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return dist.get_rank() if world > 1 else 0
 
 
 def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
-    """The model with real fp32 weights from the seed: every rank builds the same, unsharded model."""
+    """The model with its parameters on meta (buffers real); apply_layout allocates and seeds the shards."""
     loaded = load_model(args.model)
-    torch.manual_seed(args.seed)
-    if loaded.kind == "hf":
-        import transformers
+    with meta_parameters():
+        if loaded.kind == "hf":
+            import transformers
 
-        model = transformers.AutoModelForCausalLM.from_config(loaded.module.config)
-        return model.float(), model.config.vocab_size
-    if loaded.spec is not None:
-        from autoshard.planner.reference_model import build_reference_model
+            model = transformers.AutoModelForCausalLM.from_config(loaded.module.config, torch_dtype=torch.float32)
+            return model, model.config.vocab_size
+        if loaded.spec is not None:
+            from autoshard.planner.reference_model import build_reference_model
 
-        model = build_reference_model(loaded.spec)
-        return model, loaded.spec.vocab
-    import importlib.util
+            return build_reference_model(loaded.spec), loaded.spec.vocab
+        import importlib.util
 
-    spec = importlib.util.spec_from_file_location("user_model", args.model)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.build_model()
-    emb = structure.token_embedding(model)
-    return model, emb.num_embeddings
-
-
-def _has_experts(model: torch.nn.Module) -> bool:
-    """A router beside a list of identical experts somewhere (what capture calls MoE)."""
-    blocks = _blocks(model)
-    return any(structure.moe_info(model, b, []) is not None for b in blocks)
-
-
-def _blocks(model: torch.nn.Module) -> list[str]:
-    found = structure.find_block_container(model)
-    return found[1] if found else []
+        spec = importlib.util.spec_from_file_location("user_model", args.model)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.build_model()
+    return model, structure.token_embedding(model).num_embeddings
 
 
 def _batch(args: argparse.Namespace, vocab: int, step: int) -> torch.Tensor:
     """The step's global batch of token ids, the same on every rank and for every layout."""
     g = torch.Generator().manual_seed(args.seed * 100_003 + step)
     return torch.randint(0, vocab, (args.global_batch, args.seq_len + 1), generator=g)
-
-
-def _train_step(model, optimizer, tokens: torch.Tensor, rank: int, dp: int, micro_batch: int, group=None) -> float:
-    """One optimizer step on this rank's share of the batch; returns the global mean loss."""
-    local = tokens.chunk(dp)[rank]
-    micro = local.split(micro_batch)
-    optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros(())
-    for mb in micro:
-        out = model(mb[:, :-1])
-        logits = getattr(out, "logits", out)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), mb[:, 1:].reshape(-1))
-        (loss / len(micro)).backward()
-        total += loss.detach() / len(micro)
-    optimizer.step()
-    if dp > 1:
-        dist.all_reduce(total, group=group)
-        total /= dp
-    return total.item()
 
 
 if __name__ == "__main__":

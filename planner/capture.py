@@ -82,10 +82,9 @@ def capture(
 
 
 def to_meta(model: nn.Module) -> nn.Module:
-    """The model itself when already on meta, else a copy on meta (weights are never copied)."""
+    """A copy of the model on meta (weights are never copied; the user's model is never changed, even when it
+    is already on meta: capture casts its copy to the capture dtype)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    if all(t.is_meta for t in tensors):
-        return model
     memo: dict[int, Any] = {}
     for t in tensors:
         if isinstance(t, nn.Parameter):

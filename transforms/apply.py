@@ -1,28 +1,42 @@
 """`apply_plan(model, plan)`: run a Plan on torch.distributed, one transform at a time in a fixed order.
 
-Order (torchtitan's, STYLE.md item 2): PP split -> TP/SP -> CP -> EP -> recompute -> DP/ZeRO. TP must see
-the plain modules before recompute wraps them, and FSDP must wrap last so it shards the final parameters.
-This version runs TP, recompute and DP/ZeRO; a plan with pp, cp or ep above 1 is refused with a clear
-error until those transforms land.
+Order (torchtitan's, STYLE.md item 2): PP split -> TP/SP -> CP -> EP -> recompute -> DP/ZeRO -> weights.
+TP must see the plain modules before recompute wraps them, FSDP must wrap last so it shards the final
+parameters, and a model built on meta gets its weights last, so each rank allocates only its shards (for
+zero 0 and 1, where every data-parallel rank holds all of its TP shard anyway, before DDP, which needs
+them). Each transform receives only its part of the layout. This version runs TP/SP, recompute and
+DP/ZeRO; a plan with pp, cp or ep above 1 is refused with a clear error until those transforms land.
+
+The DeviceMesh has named axes ("dp", "tp"), TP innermost (consecutive ranks, one NVLink domain), as the
+cost model assumes (cost_models/layout.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
+from autoshard.cost_models.layout import Layout
 from autoshard.planner.capture import capture
 from autoshard.planner.errors import UserError
+from autoshard.planner.model_graph import ModelGraph
 from autoshard.planner.plan import Plan, fingerprint
 
 from .ac import apply_ac
 from .dp import apply_dp
+from .init import clean_fqn, is_meta, materialize
 from .tp import apply_tp
+
+NOT_YET = ("pp", "cp", "ep")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -30,33 +44,105 @@ class ParallelModel:
     """The sharded model, its optimizer and mesh; `train_step` runs one optimizer step."""
 
     module: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: object
     mesh: DeviceMesh | None
     micro_batch: int
+    device: torch.device
 
-    def train_step(self, tokens: torch.Tensor) -> float:
+    def train_step(self, tokens: Tensor) -> float:
         """One step on this data-parallel rank's share of the global batch of token ids [B, s + 1]; returns
         the global mean next-token loss."""
         dp = self.mesh["dp"].size() if self.mesh is not None else 1
         rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
-        micro = tokens.chunk(dp)[rank].split(self.micro_batch)
+        micro = tokens.chunk(dp)[rank].to(self.device).split(self.micro_batch)
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for mb in micro:
-            out = self.module(mb[:, :-1])
-            logits = getattr(out, "logits", out)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), mb[:, 1:].reshape(-1))
-            (loss / len(micro)).backward()
-            total += loss.detach() / len(micro)
+            loss = self._loss_backward(mb, scale=1 / len(micro))
+            total += loss / len(micro)
         self.optimizer.step()
         if dp > 1:
             dist.all_reduce(total, group=self.mesh["dp"].get_group())
             total /= dp
         return total.item()
 
+    def _loss_backward(self, mb: Tensor, scale: float) -> Tensor:
+        out = self.module(mb[:, :-1])
+        logits = getattr(out, "logits", out)
+        vocab_parallel = isinstance(logits, DTensor)
+        with loss_parallel() if vocab_parallel else contextlib.nullcontext():
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), mb[:, 1:].flatten(0, 1))
+            (loss * scale).backward()
+        loss = loss.detach()
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
-def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3) -> ParallelModel:
-    """Shard `model` (real weights, the same on every rank) as `plan` says on the current process group."""
+    def full_gradients(self) -> dict[str, Tensor]:
+        """Every parameter's whole gradient by its unwrapped name (a collective: call it on every rank)."""
+        grads = {}
+        for name, p in self.module.named_parameters():
+            g = p.grad
+            if g is not None:
+                grads[clean_fqn(name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu()
+        return grads
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def build_mesh(layout: Layout) -> DeviceMesh:
+    """The job's DeviceMesh with axes ("dp", "tp"), TP innermost."""
+    world = dist.get_world_size()
+    if layout.gpus != world:
+        raise UserError(f"the layout needs tp x pp x cp x dp = {layout.gpus} ranks but {world} processes run")
+    return init_device_mesh(device_for_rank().type, (layout.dp, layout.tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh | None = None,
+                 recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None) -> ParallelModel:
+    """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
+    with meta parameters (transforms/init.py) gets its shards allocated and initialised from `seed`.
+    `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices)."""
+    not_yet = [k for k in NOT_YET if getattr(layout, k) > 1]
+    if not_yet:
+        raise UserError(f"the layout uses {', '.join(f'{k}={getattr(layout, k)}' for k in not_yet)}; this version "
+                        "applies tp (with sp), dp/zero and recompute (pipeline, context and expert parallelism "
+                        "come next)")
+    meta = is_meta(model)
+    if meta and seed is None:
+        raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
+    if mesh is None and layout.gpus > 1:
+        mesh = build_mesh(layout)
+    device = device_for_rank()
+    if not meta:
+        model.to(device)
+    blocks = [b.name for b in graph.blocks]
+    if layout.tp > 1:
+        try:
+            apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
+    apply_ac(model, blocks=blocks, modes=modes)
+    if meta and (layout.dp == 1 or layout.zero < 2):
+        materialize(model, device, seed)
+    if layout.dp > 1:
+        model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr, mesh=mesh["dp"],
+                                    sparse_grads=any(b.moe for b in graph.blocks))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if is_meta(model):
+        materialize(model, device, seed)
+    return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device)
+
+
+def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,
+               seed: int | None = None) -> ParallelModel:
+    """Shard `model` as `plan` says on the current process group (see `apply_layout` for `seed`)."""
     layout = plan.layout_obj()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if plan.gpus != world:
@@ -66,38 +152,18 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
     if fingerprint(graph) != plan.model["fingerprint"]:
         raise UserError(f"the plan was made for another model ({plan.model['name']}, fingerprint "
                         f"{plan.model['fingerprint']}); this one has fingerprint {fingerprint(graph)}. Re-plan it.")
-    not_yet = [k for k in ("pp", "cp", "ep") if getattr(layout, k) > 1]
-    if not_yet:
-        raise UserError(f"the plan uses {', '.join(f'{k}={getattr(layout, k)}' for k in not_yet)}; this version "
-                        "applies tp, dp/zero and recompute only (pipeline, context and expert parallelism come next)")
-    if mesh is None and world > 1:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device, (layout.dp, layout.tp), mesh_dim_names=("dp", "tp"))  # TP innermost
-    blocks = [b.name for b in graph.blocks]
-    if layout.tp > 1:
-        apply_tp(model, mesh=mesh["tp"], graph=graph)
-    modes = {name: layout.recompute for name in blocks}
+    recompute: dict[str, str] = {}
     for stage in plan.stages:
-        modes.update(stage.recompute)
-    apply_ac(model, blocks=blocks, modes=modes)
-    if layout.dp > 1:
-        if layout.tp > 1 and layout.zero < 2:
-            raise UserError(f"zero={layout.zero} with tp > 1 needs DDP over DTensor parameters, which PyTorch "
-                            "lacks; plan with zero 2 or 3")
-        model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr,
-                                    mesh=mesh["dp"] if layout.zero >= 2 else None,
-                                    sparse_grads=any(b.moe for b in graph.blocks))
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs)
+        recompute.update(stage.recompute)
+    return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed)
 
 
 def parallelize(model: nn.Module, *, profile: str, global_batch: int, seq_len: int, gpus: int | None = None,
-                layout: str | dict | None = None, lr: float = 1e-3) -> ParallelModel:
+                layout: str | dict | None = None, lr: float = 1e-3, seed: int | None = None) -> ParallelModel:
     """Plan `model` for this job's GPUs (the process group's size unless given) and apply the plan."""
     from autoshard.planner.api import plan as make_plan
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     chosen = make_plan(model, gpus=gpus or world, profile=profile, global_batch=global_batch, seq_len=seq_len,
                        layout=layout)
-    return apply_plan(model, chosen, lr=lr)
+    return apply_plan(model, chosen, lr=lr, seed=seed)

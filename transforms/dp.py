@@ -2,14 +2,21 @@
 
 How each ZeRO stage maps (what the memory model in cost_models/memory.py assumes):
 
-| zero | PyTorch                                                    | sharded over the data-parallel ranks     |
-|------|------------------------------------------------------------|------------------------------------------|
-| 0    | DistributedDataParallel                                    | nothing: gradients all-reduced           |
-| 1    | DDP + torch.distributed.optim.ZeroRedundancyOptimizer      | optimizer state (Adam moments)           |
-| 2    | FSDP2 fully_shard per block, reshard_after_forward=False   | optimizer state and gradients (and the   |
-|      |                                                            | weights between steps)                   |
-| 3    | FSDP2 fully_shard per block, reshard_after_forward=True    | optimizer state, gradients and weights   |
+| zero | PyTorch                                                  | held per rank (fp32 training, N params)        |
+|------|----------------------------------------------------------|------------------------------------------------|
+| 0    | DistributedDataParallel (with TP: `ShardedAdamW` all-    | weights 4N, grads 4N, Adam moments 8N          |
+|      | reduces the local shards of the DTensor gradients)       |                                                |
+| 1    | DDP (or the all-reduce) + `ShardedAdamW`: each rank owns | weights 4N, grads 4N, moments + fp32 master    |
+|      | 1/dp of the flattened parameters, steps it, all-gathers  | copy of its slice 12N/dp                       |
+| 2    | FSDP2 fully_shard per block, reshard_after_forward=False | weights 4N/dp at rest, grads 4N/dp, moments    |
+|      |                                                          | 8N/dp                                          |
+| 3    | FSDP2 fully_shard per block, reshard_after_forward=True  | as 2, and weights also resharded after forward |
 
+ZeRO-1 here is Megatron's distributed optimizer (Rajbhandari et al., arXiv:1910.02054, P_os): exact 1/dp
+slices of the flat parameter vector, not whole tensors (torch's ZeroRedundancyOptimizer partitions by
+tensor, so one rank can hold far more than 1/dp), and it works on TP's DTensor parameters, which DDP
+cannot wrap. Its fp32 master slice is what a mixed-precision run keeps anyway (the cost model's 12 bytes of
+optimizer state per parameter); in fp32 training it is a copy.
 ZeRO-2 in FSDP2 keeps each block's weights gathered from its forward to its backward (no second gather),
 which is ZeRO-2's communication; between steps the weights are sharded too, so it holds less than the
 ZeRO paper's stage 2 (our memory model prices the paper's, an upper bound).
@@ -17,23 +24,117 @@ ZeRO paper's stage 2 (our memory model prices the paper's, an upper bound).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+BUCKET_ELEMENTS = 25_000_000
+"""Gradients are all-reduced in flat buckets of about this many elements (DDP's default is 25 MB)."""
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def has_dtensors(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class ShardedAdamW:
+    """AdamW over data-parallel ranks with the gradient all-reduce done here (for DTensor parameters, which
+    DDP cannot wrap) and, with `shard=True`, ZeRO-1: each rank steps only its 1/dp slice of the flattened
+    parameters and the updated slices are all-gathered back into every rank's parameters."""
+
+    def __init__(self, params: list[nn.Parameter], *, group: dist.ProcessGroup | None, reduce_grads: bool,
+                 shard: bool, lr: float, weight_decay: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.group, self.reduce_grads, self.shard = group, reduce_grads, shard
+        self.size = dist.get_world_size(group)
+        self.numel = sum(local(p).numel() for p in self.params)
+        self.slice = math.ceil(self.numel / self.size)
+        lo = dist.get_rank(group) * self.slice
+        self.bounds = (min(lo, self.numel), min(lo + self.slice, self.numel))
+        if shard:
+            self.master = nn.Parameter(self._flat([local(p).detach() for p in self.params])[slice(*self.bounds)].clone())
+            self.inner = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay)
+        else:
+            self.inner = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [self._grad(p) for p in self.params]
+        if self.reduce_grads:
+            for bucket in _buckets(grads):
+                flat = self._flat(bucket)
+                dist.all_reduce(flat, group=self.group)
+                for g, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat / self.size, bucket),
+                                      strict=True):
+                    g.copy_(reduced)
+        if not self.shard:
+            self.inner.step()
+            return
+        self.master.grad = self._flat(grads)[slice(*self.bounds)]
+        self.inner.step()
+        gathered = torch.empty(self.slice * self.size, dtype=self.master.dtype, device=self.master.device)
+        mine = torch.zeros(self.slice, dtype=self.master.dtype, device=self.master.device)
+        mine[: self.master.numel()] = self.master
+        dist.all_gather_into_tensor(gathered, mine, group=self.group)
+        offset = 0
+        for p in self.params:
+            t = local(p)
+            t.copy_(gathered[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _grad(self, p: nn.Parameter) -> Tensor:
+        """This rank's gradient shard, laid out like the parameter (a partial DTensor sum is reduced first)."""
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            p.grad = g = g.redistribute(p.device_mesh, p.placements)
+        return local(g)
+
+    @staticmethod
+    def _flat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
+    out: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if size and size + t.numel() > BUCKET_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel()
+    return out
 
 
 def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: float = 1e-3,
-             weight_decay: float = 0.0, sparse_grads: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+             weight_decay: float = 0.0, sparse_grads: bool = False) -> tuple[nn.Module, object]:
     """Wrap `model` for data parallelism at ZeRO stage `zero`; returns the model and its AdamW optimizer.
 
     `blocks`: FQNs of the repeated blocks (FSDP2 shards each as one unit, then the root).
-    `mesh`: a 1-D DeviceMesh over the data-parallel ranks (FSDP2), or None for the default group.
+    `mesh`: a 1-D DeviceMesh over the data-parallel ranks, or None for the default group.
     `sparse_grads`: some parameters may get no gradient in a step (MoE experts no token was routed to);
     DDP must then look for them.
     """
@@ -42,15 +143,16 @@ def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: f
     adamw = {"lr": lr, "weight_decay": weight_decay}
     if zero <= 1:
         group = mesh.get_group() if mesh is not None else None
-        wrapped = DistributedDataParallel(model, process_group=group, find_unused_parameters=sparse_grads)
-        if zero == 0:
-            return wrapped, torch.optim.AdamW(wrapped.parameters(), **adamw)
-        return wrapped, ZeroRedundancyOptimizer(wrapped.parameters(), optimizer_class=torch.optim.AdamW,
-                                                process_group=group, **adamw)
+        tensor_parallel = has_dtensors(model)
+        if not tensor_parallel:
+            model = DistributedDataParallel(model, process_group=group, find_unused_parameters=sparse_grads)
+            if zero == 0:
+                return model, torch.optim.AdamW(model.parameters(), **adamw)
+        return model, ShardedAdamW(list(model.parameters()), group=group, reduce_grads=tensor_parallel,
+                                   shard=zero == 1, **adamw)
     kwargs = {"mesh": mesh} if mesh is not None else {}
     reshard = zero == 3
     for fqn in blocks:
         fully_shard(model.get_submodule(fqn), reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
     return model, torch.optim.AdamW(model.parameters(), **adamw)
-

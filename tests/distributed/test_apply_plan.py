@@ -8,18 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_dp_ac import TINY_LLAMA, assert_close, reference
+from test_equivalence import TINY_LLAMA, assert_close, reference
 
 WORKER = Path(__file__).with_name("apply_plan_worker.py")
 
 
-@pytest.mark.parametrize("layout", ["tp=2,pp=1,cp=1,ep=1", "tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1"])
-def test_apply_plan_matches_the_unsharded_model(layout):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), layout]
+@pytest.mark.parametrize(("layout", "weights"), [("tp=2,pp=1,cp=1,ep=1", "real"), ("tp=2,pp=1,cp=1,ep=1", "meta"),
+                                                 ("tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1", "real")])
+def test_apply_plan_matches_the_unsharded_model(layout, weights, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), layout,
+           weights]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
-    assert_close(losses, reference(TINY_LLAMA))
+    assert_close(losses, reference(TINY_LLAMA, tmp_path)[0])
 
 
 def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
@@ -37,19 +39,21 @@ def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
         autoshard.apply_plan(build_reference_model(load_spec(other)[0]), single)
 
 
-def test_parallelize_plans_and_applies_in_one_call():
+def test_parallelize_plans_and_applies_in_one_call(tmp_path):
     """One process: the plan is the single-GPU layout and training matches the unsharded reference."""
     import torch
 
     import autoshard
     from autoshard.planner.reference_model import build_reference_model
     from autoshard.planner.spec import load_spec
+    from autoshard.transforms.init import init_parameters
 
-    torch.manual_seed(7)
-    parallel = autoshard.parallelize(build_reference_model(load_spec(TINY_LLAMA)[0]), profile="h100_ib",
+    model = build_reference_model(load_spec(TINY_LLAMA)[0])
+    init_parameters(model, 7)
+    parallel = autoshard.parallelize(model, profile="h100_ib",
                                      global_batch=8, seq_len=32, layout="recompute=none,mbs=8")
     losses = []
     for step in range(5):
         g = torch.Generator().manual_seed(7 * 100_003 + step)
         losses.append(parallel.train_step(torch.randint(0, 256, (8, 33), generator=g)))
-    assert_close(losses, reference(TINY_LLAMA))
+    assert_close(losses, reference(TINY_LLAMA, tmp_path)[0])

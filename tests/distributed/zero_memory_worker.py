@@ -1,5 +1,6 @@
-"""Worker for test_zero_memory.py (launched by torchrun): after one step at ZeRO stage argv[1], print the
-bytes this rank holds in parameters, gradients and optimizer state (local shards only)."""
+"""Worker for test_zero_memory.py (launched by torchrun): apply the layout argv[1] to tiny_llama, run one
+step, print on rank 0 the bytes this rank holds in parameters, gradients and optimizer state (local shards
+only) beside the cost model's prediction for the same layout (cost_models/memory.py, in fp32 terms)."""
 
 import json
 import os
@@ -8,41 +9,53 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from autoshard.planner import structure
+from autoshard.cost_models.layout import complete, parse_layout
+from autoshard.cost_models.memory import model_states
+from autoshard.planner.capture import capture
 from autoshard.planner.reference_model import build_reference_model
 from autoshard.planner.spec import load_spec
-from autoshard.transforms.dp import apply_dp
+from autoshard.transforms.apply import apply_layout
+from autoshard.transforms.dp import ShardedAdamW, local
+from autoshard.transforms.init import meta_parameters
 
 SPEC = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(local(p).numel() * 4 for p in module.parameters())
+
+
+def held(parallel, at_forward_end: int) -> dict[str, int]:
+    """Bytes held, the parameters at their peak: at rest after the step, or at the end of the forward, where
+    ZeRO-2 (FSDP2 without resharding after forward) holds every block's weights gathered until its backward."""
+    params = list(parallel.module.parameters())
+    opt = parallel.optimizer
+    states = opt.inner.state if isinstance(opt, ShardedAdamW) else opt.state
+    optimizer = sum(local(v).numel() * v.element_size() for s in states.values() for v in s.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+    if isinstance(opt, ShardedAdamW) and opt.shard:
+        optimizer += opt.master.numel() * opt.master.element_size()  # the fp32 master slice ZeRO-1 steps
+    return {"params": max(param_bytes(parallel.module), at_forward_end),
+            "grads": sum(local(p.grad).numel() * 4 for p in params if p.grad is not None),
+            "optimizer": optimizer}
 
 
 dist.init_process_group("gloo")
-torch.manual_seed(0)
-model = build_reference_model(load_spec(SPEC)[0])
-blocks = structure.find_block_container(model)[1]
-model, optimizer = apply_dp(model, zero=int(sys.argv[1]), blocks=blocks)
-tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(dist.get_rank()))
-logits = model(tokens[:, :-1])
-F.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
-optimizer.step()
-params = list(model.parameters())
-held = {
-    "params": sum(local(p).numel() * 4 for p in params),
-    "grads": sum(local(p.grad).numel() * 4 for p in params if p.grad is not None),
-    "optimizer": sum(local(v).numel() * v.element_size() for s in optimizer.state.values()
-                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
-}
-if hasattr(optimizer, "optim"):  # ZeroRedundancyOptimizer keeps its shard's state in the wrapped optimizer
-    held["optimizer"] = sum(v.numel() * v.element_size() for s in optimizer.optim.state.values()
-                            for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+layout = complete(parse_layout(sys.argv[1]), dist.get_world_size())
+with meta_parameters():
+    model = build_reference_model(load_spec(SPEC)[0])
+graph = capture(model, 1, 32)
+parallel = apply_layout(model, layout, graph=graph, seed=0)
+peak = [0]
+parallel.module.register_forward_hook(lambda m, args, out: peak.__setitem__(0, max(peak[0], param_bytes(m))))
+parallel.train_step(torch.randint(0, 256, (2 * layout.dp, 33), generator=torch.Generator().manual_seed(0)))
+# fp32 training: 4-byte weights and gradients; AdamW's two fp32 moments (8 B), plus ZeRO-1's fp32 master
+# slice (the 4 B a mixed-precision run keeps as its master weights: 12 B, the cost model's default)
+w, g, o = model_states(graph.params / layout.tp, zero=layout.zero, shards=layout.dp, weight_bytes=4,
+                       grad_bytes=4, optimizer_bytes=12 if layout.zero == 1 else 8)
 if dist.get_rank() == 0:  # one writer: two ranks' lines can interleave on the shared stdout
-    print(json.dumps(held), flush=True)
+    print(json.dumps({"held": held(parallel, peak[0]), "predicted": {"params": w, "grads": g, "optimizer": o}}), flush=True)
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()

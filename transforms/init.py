@@ -1,0 +1,97 @@
+"""Weights for sharded models without the full model on any rank.
+
+A large model is built with its parameters on the meta device (`meta_parameters()`; buffers such as RoPE
+tables stay real, so models that compute them in `__init__` keep them), sharded by the transforms, then
+`materialize()`d: each rank allocates only its shards and fills them with `init_parameters()`.
+
+`init_parameters` draws every parameter from its own generator, seeded by (seed, parameter name), so the
+weights depend only on the seed and the names, not on the layout or the order ranks visit them: the
+unsharded model initialised this way holds exactly the tensors the shards are cut from. One parameter at a
+time is drawn in full and cut (peak: the largest single tensor, not the model). The distribution is the
+usual LM one (GPT-2, Llama, HF `initializer_range`): N(0, 0.02) for matrices and embeddings, zero biases,
+unit norm scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+INIT_STD = 0.02
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "module.", "_orig_mod.")
+"""Name parts added by checkpoint_wrapper, DDP and torch.compile: not part of the model's own names."""
+
+
+def clean_fqn(name: str) -> str:
+    """A parameter's name in the unwrapped model."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Build modules inside this context with their parameters on meta and their buffers on the CPU."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def full_value(name: str, shape: torch.Size, seed: int) -> Tensor:
+    """The unsharded initial value of parameter `name` (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(clean_fqn(name).encode()))
+    if len(shape) >= 2:
+        return torch.empty(shape).normal_(0.0, INIT_STD, generator=g)
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    return torch.ones(shape)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Fill every parameter (or this rank's shard of it) with its seeded initial value."""
+    for name, p in model.named_parameters():
+        full = full_value(name, p.shape, seed).to(p.dtype)
+        if isinstance(p, DTensor):
+            shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+        else:
+            p.copy_(full)
+
+
+def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None:
+    """Allocate the meta parameters (their local shards) on `device`, keep the real buffers, initialise."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    ties: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                ties.setdefault(id(p), []).append((module, name))
+    model.to_empty(device=device)
+    for owners in ties.values():  # to_empty gives each module its own tensor: tie shared weights again
+        first, name = owners[0]
+        for module, other in owners[1:]:
+            setattr(module, other, getattr(first, name))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    init_parameters(model, seed)
