@@ -4,17 +4,18 @@ Order (torchtitan's, STYLE.md item 2): PP split -> TP/SP -> CP -> EP -> recomput
 TP must see the plain modules before recompute wraps them, FSDP must wrap last so it shards the final
 parameters, and a model built on meta gets its weights last, so each rank allocates only its shards (for
 zero 0 and 1, where every data-parallel rank holds all of its TP shard anyway, before DDP, which needs
-them). Each transform receives only its part of the layout. This version runs TP/SP, recompute and
-DP/ZeRO; a plan with pp, cp or ep above 1 is refused with a clear error until those transforms land.
+them). Each transform receives only its part of the layout and its axis of the mesh.
 
-The DeviceMesh has named axes ("dp", "tp"), TP innermost (consecutive ranks, one NVLink domain), as the
-cost model assumes (cost_models/layout.py).
+The DeviceMesh has named axes ("pp", "dp", "cp", "tp"), TP innermost (consecutive ranks, one NVLink
+domain), as the cost model assumes (cost_models/layout.py), plus "dp_cp" (dp x cp flattened) over which
+ZeRO shards and the loss is averaged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,14 @@ from .tp import apply_tp
 
 NOT_YET = ("pp", "cp", "ep")
 
+BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
+"""(inputs [b, s], targets [b, s]) -> (model args, model kwargs, this rank's targets). The identity for
+most layouts; context parallelism (transforms/cp.py) keeps this rank's sequence chunks and their positions."""
+
+
+def whole_batch(inputs: Tensor, targets: Tensor) -> tuple[tuple, dict, Tensor]:
+    return (inputs,), {}, targets
+
 
 @dataclass(kw_only=True, slots=True)
 class ParallelModel:
@@ -48,6 +57,7 @@ class ParallelModel:
     mesh: DeviceMesh | None
     micro_batch: int
     device: torch.device
+    split_batch: BatchSplit = whole_batch
 
     def train_step(self, tokens: Tensor) -> float:
         """One step on this data-parallel rank's share of the global batch of token ids [B, s + 1]; returns
@@ -61,17 +71,18 @@ class ParallelModel:
             loss = self._loss_backward(mb, scale=1 / len(micro))
             total += loss / len(micro)
         self.optimizer.step()
-        if dp > 1:
-            dist.all_reduce(total, group=self.mesh["dp"].get_group())
-            total /= dp
+        if self.mesh is not None and self.mesh["dp_cp"].size() > 1:  # every cp rank's mean is over as many tokens
+            dist.all_reduce(total, group=self.mesh["dp_cp"].get_group())
+            total /= self.mesh["dp_cp"].size()
         return total.item()
 
     def _loss_backward(self, mb: Tensor, scale: float) -> Tensor:
-        out = self.module(mb[:, :-1])
+        args, kwargs, targets = self.split_batch(mb[:, :-1], mb[:, 1:])
+        out = self.module(*args, **kwargs)
         logits = getattr(out, "logits", out)
         vocab_parallel = isinstance(logits, DTensor)
         with loss_parallel() if vocab_parallel else contextlib.nullcontext():
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), mb[:, 1:].flatten(0, 1))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
             (loss * scale).backward()
         loss = loss.detach()
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
@@ -94,12 +105,22 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
+MESH_AXES = ("pp", "dp", "cp", "tp")
+"""Outermost to innermost, the rank order the cost model assumes (cost_models/layout.py): TP on consecutive
+ranks (one NVLink domain), then CP, DP, and PP across the slowest links. EP is carved out of dp x cp
+(transforms/ep.py), and ZeRO shards over dp x cp (the "dp_cp" axis), as in torchtitan."""
+
+
 def build_mesh(layout: Layout) -> DeviceMesh:
-    """The job's DeviceMesh with axes ("dp", "tp"), TP innermost."""
+    """The job's DeviceMesh with axes MESH_AXES (size-1 axes included) and the flattened "dp_cp" axis."""
     world = dist.get_world_size()
     if layout.gpus != world:
-        raise UserError(f"the layout needs tp x pp x cp x dp = {layout.gpus} ranks but {world} processes run")
-    return init_device_mesh(device_for_rank().type, (layout.dp, layout.tp), mesh_dim_names=("dp", "tp"))
+        raise UserError(f"the layout needs pp({layout.pp}) x dp({layout.dp}) x cp({layout.cp}) x tp({layout.tp}) "
+                        f"= {layout.gpus} ranks but {world} processes run")
+    mesh = init_device_mesh(device_for_rank().type, tuple(getattr(layout, a) for a in MESH_AXES),
+                            mesh_dim_names=MESH_AXES)
+    mesh["dp", "cp"]._flatten("dp_cp")
+    return mesh
 
 
 def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh | None = None,
@@ -121,23 +142,28 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: D
     if not meta:
         model.to(device)
     blocks = [b.name for b in graph.blocks]
-    if layout.tp > 1:
-        try:
+    split_batch: BatchSplit = whole_batch
+    try:
+        if layout.tp > 1:
             apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+        # --- CP slot (transforms/cp.py): shard attention over mesh["cp"]; set split_batch
+        # --- EP slot (transforms/ep.py): shard the experts over the ep ranks inside mesh["dp_cp"]
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
     apply_ac(model, blocks=blocks, modes=modes)
-    if meta and (layout.dp == 1 or layout.zero < 2):
+    replicas = layout.dp * layout.cp  # ZeRO shards over dp x cp; the cp ranks hold the same weights
+    if meta and (replicas == 1 or layout.zero < 2):
         materialize(model, device, seed)
-    if layout.dp > 1:
-        model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr, mesh=mesh["dp"],
+    if replicas > 1:
+        model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr, mesh=mesh["dp_cp"],
                                     sparse_grads=any(b.moe for b in graph.blocks))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if is_meta(model):
         materialize(model, device, seed)
-    return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device)
+    return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device,
+                         split_batch=split_batch)
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,
