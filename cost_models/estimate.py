@@ -56,6 +56,8 @@ class Estimate:
     """Seconds per step: compute, recompute, bubble and each exposed communication."""
     memory_breakdown: dict[str, float] = field(default_factory=dict)
     """Bytes on the peak stage's GPU by kind."""
+    stage_memory_breakdown: list[dict[str, float]] = field(default_factory=list)
+    """Bytes on one GPU of each pipeline stage by kind (the report's stacked bars)."""
 
     @property
     def fits(self) -> bool:
@@ -130,6 +132,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
         stage_memory_bytes=[mem.total for mem in mems],
         time_breakdown=breakdown,
         memory_breakdown={k: v for k, v in _mem_dict(mems[peak]).items() if v},
+        stage_memory_breakdown=[_mem_dict(mem) for mem in mems],
     )
 
 

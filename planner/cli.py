@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import textwrap
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from autoshard.cost_models.layout import PRECISIONS
 from autoshard.hardware_profiles import profile_names
 
 from .errors import UserError
+from .export import FRAMEWORKS
 from .model_graph import ModelGraph
 
 
@@ -30,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", help="tp=8,pp=4,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective[,schedule=..]")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the spec's)")
     p.add_argument("--precision", choices=PRECISIONS, help="matmul precision (default: the spec's, else bf16)")
-    p.add_argument("-o", "--output", help="write the plan as YAML to this file")
+    p.add_argument("-o", "--output", help="write the plan as YAML to this file (with --export: the exported config)")
+    p.add_argument("--report", help="also draw the plan: a self-contained .html page or a .png figure")
+    p.add_argument("--export", choices=FRAMEWORKS,
+                   help="write the plan as this framework's configuration to -o FILE (torchtitan TOML, Megatron-LM "
+                        "arguments, DeepSpeed JSON); what it cannot express goes to stderr and the file")
+    p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
@@ -74,13 +83,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.gpus is None or args.profile is None:
         raise UserError("give --gpus N and --profile NAME to plan (--layout to fix some or all of the layout), "
                         "or --inspect to see the captured model.")
+    _check_outputs(args)
     from .api import plan
 
-    result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
-                  seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
-                  layout=args.layout, gpu_memory_gib=args.gpu_memory_gib)
-    if args.output:
-        result.save(args.output)
+    with _progress(f"planning {Path(args.model).name} on {args.gpus} GPUs", args.quiet):
+        result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
+                      seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
+                      layout=args.layout, gpu_memory_gib=args.gpu_memory_gib)
+    _write_outputs(args, result)
     print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
     if not result.predicted["fits"]:
         over = result.predicted["peak_memory_gib"] - result.predicted["memory_capacity_gib"]
@@ -93,11 +103,71 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = ("explain", "diff")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Bad output flags fail before the search, not after it."""
+    if args.export and not args.output:
+        raise UserError(f"--export {args.export} writes to the file named by -o FILE, e.g. -o {args.export}.config; "
+                        "give -o (write the plan YAML in a second run without --export).")
+    if args.report and Path(args.report).suffix.lower() not in (".html", ".htm", ".png"):
+        raise UserError(f"--report {args.report}: the report is an .html page or a .png figure; name the file so.")
+    for path in filter(None, (args.output, args.report)):
+        if not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{path}: the folder {Path(path).resolve().parent} does not exist; create it first.")
+
+
+def _write_outputs(args: argparse.Namespace, result: object) -> None:
+    """-o (plan YAML, or the export), --report; what an export cannot express goes to stderr."""
+    from autoshard.hardware_profiles import load_profile
+
+    from .export import export_plan
+    from .report import write_report
+
+    if args.export:
+        exported = export_plan(result, args.export)
+        Path(args.output).write_text(exported.text)
+        for item in exported.cannot_express:
+            print(textwrap.fill(f"note: {args.export} cannot express {item}", width=100, subsequent_indent="  "),
+                  file=sys.stderr)
+    elif args.output:
+        result.save(args.output)
+    if args.report:
+        nodes = load_profile(args.profile, gpu_memory_gib=args.gpu_memory_gib).gpus_per_node
+        with _progress(f"drawing {Path(args.report).name}", args.quiet):
+            write_report(result, args.report, gpus_per_node=nodes)
+
+
+@contextlib.contextmanager
+def _progress(desc: str, quiet: bool, after_s: float = 1.0) -> Iterator[None]:
+    """An elapsed-time line on stderr (tqdm) for work that takes over `after_s` seconds; cleared after."""
+    done = threading.Event()
+
+    def show() -> None:
+        if done.wait(after_s):
+            return
+        from tqdm import tqdm
+
+        with tqdm(desc=desc, total=None, file=sys.stderr, bar_format="{desc}: {elapsed}", leave=False) as bar:
+            while not done.wait(0.25):
+                bar.refresh()
+
+    thread = None if quiet or not sys.stderr else threading.Thread(target=show, daemon=True)
+    if thread is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
+
+
+SUBCOMMANDS = ("explain", "diff", "calibrate")
 
 
 def _subcommand(argv: list[str]) -> int:
-    """`plan explain PLAN.yaml` and `plan diff A.yaml B.yaml`."""
+    """`plan explain PLAN.yaml`, `plan diff A.yaml B.yaml` and `plan calibrate --profile-out F.yaml`."""
+    if argv[0] == "calibrate":
+        return _calibrate(argv[1:])
     from .plan import diff, load_plan
 
     p = argparse.ArgumentParser(prog=f"plan {argv[0]}")
@@ -111,6 +181,42 @@ def _subcommand(argv: list[str]) -> int:
     except ValueError as exc:
         _fail(f"not a valid plan: {exc}", 2, args.debug)
     print(plans[0].explain() if argv[0] == "explain" else diff(*plans))
+    return 0
+
+
+def _calibrate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="plan calibrate", description="Measure this machine (GEMMs, memory bandwidth and, "
+                                "under torchrun, collectives) and write a hardware profile for --profile.")
+    p.add_argument("--profile-out", required=True, help="the profile .yaml to write")
+    p.add_argument("--base", default=None, help="profile whose values fill what is not measured "
+                   "(default: cpu_gloo on a CPU, h100_ib on a GPU)")
+    p.add_argument("--quick", action="store_true", help="small sizes, a few seconds (tests)")
+    p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        import torch
+
+        from autoshard.hardware_profiles import UnknownProfileError, load_profile
+
+        base = args.base or ("h100_ib" if torch.cuda.is_available() else "cpu_gloo")
+        if Path(args.profile_out).suffix not in (".yaml", ".yml"):
+            raise UserError(f"--profile-out {args.profile_out}: name the profile file .yaml, as --profile expects.")
+        try:
+            load_profile(base)
+        except (UnknownProfileError, ValueError) as exc:
+            raise UserError(f"--base: {exc}") from exc
+        from .calibrate import calibrate
+
+        data = calibrate(profile_out=args.profile_out, base=base, quick=args.quick, quiet=args.quiet)
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code, args.debug)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        measured = [f"  {k} = {v['value']:.4g}" for table in (data["specs"], data["fitted"]) if isinstance(table, dict)
+                    for k, v in table.items() if isinstance(v, dict) and "measured by plan calibrate" in v["source"]]
+        print(f"wrote {args.profile_out} (profile {data['name']}); measured:\n" + "\n".join(measured))
     return 0
 
 

@@ -145,6 +145,9 @@ class Plan:
     the same inputs give byte-identical YAML."""
     solve_time_s: float = field(default=0.0, compare=False)
     """How long the search took (in the JSON output, not in the YAML)."""
+    stage_memory_gib: list[dict[str, float]] = field(default_factory=list, compare=False)
+    """Per stage, GiB on one GPU by kind (weights, gradients, ...), for the report; empty for a plan read
+    from YAML (not in the YAML: the file keeps the peak stage's breakdown only)."""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -284,6 +287,7 @@ def build_plan(graph: ModelGraph, est: Estimate, profile: Profile, *, alternativ
         provenance={"autoshard_version": _version(), "profile": profile.name,
                     "profile_fitted_on": profile.fitted_on, "created_by": "plan", "solver": solver},
         solve_time_s=solve_time_s,
+        stage_memory_gib=[{k: _round(v / GIB) for k, v in mem.items()} for mem in est.stage_memory_breakdown],
     )
 
 

@@ -256,7 +256,23 @@ def test_cli_flags_are_frozen():
     assert flags == sorted([
         "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
         "--precision", "--json", "--micro-batch", "--seq-len", "--debug", "-o", "--output",
+        "--report", "--export", "--quiet",
     ])
+
+
+def test_bad_report_and_export_flags(specs, tmp_path):
+    common = [specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--global-batch", "16"]
+    assert_user_error(plan(*common, "--report", tmp_path / "plan.pdf"), "--report", ".html", ".png")
+    assert_user_error(plan(*common, "--export", "torchtitan"), "--export torchtitan", "-o")
+    assert_user_error(plan(*common, "--report", tmp_path / "missing" / "r.html"), "does not exist")
+
+
+def test_report_from_the_command_line(specs, tmp_path):
+    out = plan(specs / "tiny_llama.yaml", "--gpus", "8", "--profile", "h100_ib", "--global-batch", "16", "--json",
+               "--layout", "tp=2,pp=2", "--report", tmp_path / "plan.html", "--quiet")
+    assert out.returncode == 0, out.stderr
+    json.loads(out.stdout)  # still exactly one JSON object
+    assert "Pipeline schedule" in (tmp_path / "plan.html").read_text()
 
 
 def test_explain_and_diff_from_the_command_line(specs, tmp_path):
