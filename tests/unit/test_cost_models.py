@@ -83,7 +83,9 @@ def test_micro_batches_in_flight():
     assert [pipeline.in_flight(i, 4, 16, 1, "1f1b") for i in range(4)] == [4, 3, 2, 1]
     assert pipeline.in_flight(0, 4, 2, 1, "1f1b") == 2  # never more than m
     assert pipeline.in_flight(2, 4, 16, 1, "gpipe") == 16
-    assert pipeline.in_flight(0, 4, 16, 2, "interleaved_1f1b") == 4 * (1 + 3 / 8)
+    assert pipeline.in_flight(0, 4, 16, 2, "interleaved_1f1b") == 4 * (1 + 3 / 8)  # Korthikanti Sec. 4.2.3
+    # later stages: Megatron's warm-up, 2 (p - i - 1) + (v - 1) p chunk forwards plus one, over v
+    assert pipeline.in_flight(3, 4, 16, 2, "interleaved_1f1b") == (0 + 4 + 1) / 2
 
 
 def test_split_blocks_is_even_with_extra_on_later_chunks():
