@@ -249,15 +249,21 @@ class Transformer(nn.Module):
         if not self.tok_embeddings.weight.is_meta:
             self.init_weights()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """`positions` [s]: the global positions of the tokens (default 0..s-1); context parallelism
+        (transforms/cp.py) passes those of this rank's sequence chunks. fx traces the default."""
         seqlen = tokens.shape[1]
+        if _is_symbolic_tracing():
+            positions = None
         h = self.tok_embeddings(tokens)
         rope = None
         if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(seqlen, device=tokens.device))
-        else:
+            h = h + self.pos_embeddings(torch.arange(seqlen, device=tokens.device) if positions is None else positions)
+        elif positions is None:
             # narrow, not [:seqlen]: fx cannot slice a buffer with a traced length.
             rope = (self.rope_cos.narrow(0, 0, seqlen), self.rope_sin.narrow(0, 0, seqlen))
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         for layer in self.layers:
             h = layer(h, rope)
         return self.output(self.norm(h))
