@@ -1,0 +1,283 @@
+"""Expert parallelism: each MoE layer's experts sharded over the ep ranks, tokens sent to them and back.
+
+Groups (torchtitan's "ep" inside "dp_shard"). The ep ranks are consecutive inside the data-parallel axis
+"dp_cp" (dp x cp, size D): `mesh["dp_cp"]` is unflattened into ("edp", "ep") = (D / ep, ep). The ep ranks
+of one "ep" group hold different experts (E / ep each, contiguous: rank j owns experts j*E/ep ...) and swap
+tokens; the D / ep ranks of one "edp" group hold the same experts and are their data-parallel replicas.
+Everything else in the model stays data-parallel over all of "dp_cp" (transforms/dp.py).
+
+Dispatch, per MoE layer and forward. The MoE module's own forward is kept, so its routing (softmax or
+sigmoid, top-k, renormalisation, the auxiliary load-balancing loss, shared experts) is the unsharded
+model's, whatever the model: only its experts are replaced, by `LocalExperts`, which looks like the list
+of all E experts to that forward. The forward runs twice:
+1. record: calling expert e stores its input rows and returns zeros (shared experts are skipped, also
+   returning zeros); the router and top-k run as in the unsharded model;
+2. exchange: the rows for expert e, concatenated in expert order (so grouped by owner rank), go to their
+   owner with one `all_to_all_single` of the per-expert counts and one autograd-aware variable-split
+   `all_to_all_single` of the rows (dropless: nothing is cut at a capacity); each rank runs every local
+   expert once, on the rows from all ep ranks (source order), and a second all_to_all sends the outputs
+   back; its backward is the reverse exchange;
+3. replay: the forward runs again, and calling expert e now returns the output computed for exactly that
+   call, so the gates, the combine (index_add, sums) and the shared experts run in the unsharded order.
+The recorded rows keep their autograd path to the layer input (a gather by token index), so gradients
+reach the input through phase 1 and the gates and router through phase 3. The cost over a hand-fused
+forward: the router, top-k and gather run twice (a few percent of a layer's FLOPs at hidden >> E).
+A model's MoE qualifies when its forward calls its experts (each any number of times) with one tensor
+[..., hidden] and returns the same shape, deterministically for the same input: the reference MoE and the
+usual `experts` ModuleList + router pattern do.
+
+Gradients. Rank r's loss is the mean over its own tokens, and dense gradients are averaged over the D
+ranks. An expert's gradient on its owner already sums the contributions of all ep ranks' tokens (the
+all_to_all backward brings them), so it is summed over the edp group and divided by D, not by D / ep.
+`ExpertParallelOptimizer` divides the expert gradients by ep before stepping; the average over "edp" is
+ZeRO's: zero 0 and 1 a `ShardedAdamW` over "edp" (its all-reduce; flat 1/edp slices for zero 1; DDP leaves
+the experts out), zero 2 and 3 FSDP2 on each local expert over "edp" (its reduce-scatter), applied before
+the blocks' FSDP2 so those leave the experts out. (FSDP2's `set_gradient_divide_factor(D)` would fold the
+1 / ep into the reduce-scatter, but it needs PREMUL_SUM, which gloo lacks.) The expert parameters keep
+their unsharded names (`experts.{e}...`), so the seeded init (transforms/init.py) gives them the unsharded
+model's values and `ExpertShards.gather` can collect whole gradients by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from autoshard.planner.model_graph import ModelGraph, MoEInfo
+
+from .dp import ShardedAdamW
+from .init import clean_fqn
+
+
+class LocalExperts(nn.Module):
+    """Stands in for a MoE layer's experts ModuleList: holds this rank's experts under their global indices
+    (parameter names stay `experts.{e}.…`) and, to the layer's forward, looks like the list of all E
+    experts, whose entries record their inputs or replay outputs computed on the owner ranks."""
+
+    def __init__(self, experts: nn.ModuleList, owned: range) -> None:
+        super().__init__()
+        self.num_experts, self.owned = len(experts), owned
+        for e in owned:
+            self.add_module(str(e), experts[e])
+        self.calls: dict[int, list[Tensor]] | None = None
+        self.outputs: dict[int, list[Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, e: int) -> Callable[[Tensor], Tensor]:
+        e = range(self.num_experts)[e]
+        return lambda x, *more, **kw: self._call(e, x, *more, **kw)
+
+    def __iter__(self) -> Iterator[Callable[[Tensor], Tensor]]:
+        return (self[e] for e in range(self.num_experts))
+
+    def local(self) -> list[nn.Module]:
+        return [self.get_submodule(str(e)) for e in self.owned]
+
+    def _call(self, e: int, x: Tensor, *more, **kw) -> Tensor:
+        if more or kw or not isinstance(x, Tensor):
+            raise ValueError("expert parallelism needs experts called with one tensor [..., hidden]; this MoE "
+                             "passes more arguments")
+        if self.calls is not None:
+            self.calls.setdefault(e, []).append(x)
+            return torch.zeros_like(x)
+        if self.outputs is None:
+            raise RuntimeError("an expert-parallel MoE layer ran outside its forward")
+        out = self.outputs[e].pop(0)
+        assert out.shape == x.shape, "the MoE forward called its experts differently on replay"
+        return out
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, list[Tensor]]]:
+        self.calls = {}
+        try:
+            yield self.calls
+        finally:
+            self.calls = None
+
+    @contextlib.contextmanager
+    def replaying(self, outputs: dict[int, list[Tensor]]) -> Iterator[None]:
+        self.outputs = outputs
+        try:
+            yield
+        finally:
+            self.outputs = None
+
+
+def dispatch(calls: dict[int, list[Tensor]], experts: LocalExperts, *, hidden: int, like: Tensor,
+             group: dist.ProcessGroup) -> dict[int, list[Tensor]]:
+    """Run every recorded expert call on the rank owning the expert; the outputs, per expert and call."""
+    ep, per_rank = dist.get_world_size(group), len(experts.owned)
+    rows = [[x.reshape(-1, hidden) for x in calls.get(e, [])] for e in range(experts.num_experts)]
+    flat = [torch.cat(r) if r else like.new_zeros(0, hidden) for r in rows]
+    counts = torch.tensor([t.shape[0] for t in flat], dtype=torch.long, device=like.device)
+    recv_counts = torch.empty_like(counts)  # [source rank, local expert] flattened
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    send_splits = counts.view(ep, per_rank).sum(1).tolist()
+    recv_splits = recv_counts.view(ep, per_rank).sum(1).tolist()
+    received = all_to_all_single_autograd(torch.cat(flat), recv_splits, send_splits, group)
+    pieces = received.split(recv_counts.tolist())
+    outs: list[Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+    for i, expert in enumerate(experts.local()):
+        mine = [pieces[s * per_rank + i] for s in range(ep)]
+        y = expert(torch.cat(mine))
+        for s, part in enumerate(y.split([m.shape[0] for m in mine])):
+            outs[s * per_rank + i] = part
+    back = all_to_all_single_autograd(torch.cat(outs), send_splits, recv_splits, group)
+    results: dict[int, list[Tensor]] = {}
+    for e, y in enumerate(back.split(counts.tolist())):
+        shapes = calls.get(e, [])
+        parts = y.split([x.numel() // hidden for x in shapes])
+        results[e] = [p.view(*x.shape[:-1], p.shape[-1]) for p, x in zip(parts, shapes, strict=True)]
+    return results
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+
+
+@contextlib.contextmanager
+def _skipped(modules: list[nn.Module]) -> Iterator[None]:
+    """While recording, the shared experts return zeros (their output is discarded anyway)."""
+    for m in modules:
+        m.forward = lambda x, *a, **k: torch.zeros_like(x)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def expert_parallel_forward(moe: nn.Module, experts: LocalExperts, shared: list[nn.Module],
+                            group: dist.ProcessGroup) -> Callable:
+    """The MoE layer's forward with its experts run on their owner ranks (module docstring, steps 1-3)."""
+    original = moe.forward
+
+    def forward(*args, **kwargs):
+        x = _first_tensor(args, kwargs)
+        with experts.recording() as calls, _skipped(shared):
+            original(*args, **kwargs)
+        outputs = dispatch(calls, experts, hidden=x.shape[-1], like=x, group=group)
+        with experts.replaying(outputs):
+            return original(*args, **kwargs)
+
+    return forward
+
+
+class ExpertParallelOptimizer:
+    """The dense optimizer and the experts' own stepped as one (the interface ParallelModel uses). The
+    experts' one averages their gradients over the edp ranks (the all-reduce in `ShardedAdamW`, or FSDP2's
+    reduce-scatter); they are divided by ep first, as each already sums the tokens of all ep ranks."""
+
+    def __init__(self, dense, experts, *, expert_params: list[nn.Parameter], ep: int) -> None:
+        self.optimizers = (dense, experts)
+        self.expert_params, self.ep = expert_params, ep
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.expert_params:
+            if p.grad is not None:
+                p.grad.div_(self.ep)
+        for opt in self.optimizers:
+            opt.step()
+
+    @property
+    def state(self) -> dict:
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+
+@dataclass(kw_only=True, slots=True)
+class ExpertShards:
+    """What expert parallelism hands to data parallelism (transforms/dp.py) and to the gradient check."""
+
+    names: frozenset[str]
+    """Unwrapped names of this rank's expert parameters (left out of the dense DP and optimizer)."""
+    experts: list[nn.Module]
+    """This rank's experts, over all MoE layers."""
+    ep_mesh: DeviceMesh
+    edp_mesh: DeviceMesh
+    zero: int
+
+    def optimizer(self, dense, *, lr: float, weight_decay: float = 0.0) -> ExpertParallelOptimizer:
+        """`dense` (the data-parallel optimizer of the other parameters) joined with the experts' own."""
+        params = [p for m in self.experts for p in m.parameters()]
+        if self.zero >= 2:  # FSDP2 (applied in apply_ep) averages them over edp in backward
+            experts = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        else:
+            experts = ShardedAdamW(params, group=self.edp_mesh.get_group(), reduce_grads=True,
+                                   shard=self.zero == 1, lr=lr, weight_decay=weight_decay)
+        return ExpertParallelOptimizer(dense, experts, expert_params=params, ep=self.ep_mesh.size())
+
+    def gather(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`grads` (whole gradients by name, this rank's experts among them) with every rank's experts
+        added: a collective over the ep ranks."""
+        mine = {n: g for n, g in grads.items() if n in self.names}
+        everyone: list[dict[str, Tensor] | None] = [None] * self.ep_mesh.size()
+        dist.all_gather_object(everyone, mine, group=self.ep_mesh.get_group())
+        merged = dict(grads)
+        for part in everyone:
+            merged.update(part or {})
+        return merged
+
+
+def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, zero: int) -> ExpertShards:
+    """Shard every MoE layer's experts over `ep` consecutive ranks of the data-parallel `mesh` (dp x cp);
+    under zero 2-3, FSDP2-shard them over their replicas. Non-local experts are deleted (never allocated
+    when the model is on meta). Call before recompute wrapping and DP (transforms/apply.py)."""
+    replicas = mesh.size()
+    layers = [u.moe for u in graph.units if u.moe is not None]
+    _check(layers, ep, replicas, zero)
+    groups = mesh._unflatten(0, (replicas // ep, ep), ("edp", "ep"))
+    ep_mesh, edp_mesh = groups["ep"], groups["edp"]
+    rank = ep_mesh.get_local_rank()
+    local: list[nn.Module] = []
+    for info in layers:
+        moe = model.get_submodule(info.module)
+        parent, _, attr = info.experts.rpartition(".")
+        per_rank = info.num_experts // ep
+        experts = LocalExperts(model.get_submodule(info.experts), range(rank * per_rank, (rank + 1) * per_rank))
+        setattr(model.get_submodule(parent), attr, experts)
+        shared = [model.get_submodule(s) for s in info.shared]
+        moe.forward = expert_parallel_forward(moe, experts, shared, ep_mesh.get_group())
+        local += experts.local()
+    if zero >= 2:
+        for expert in local:
+            fully_shard(expert, mesh=edp_mesh, reshard_after_forward=zero == 3)
+    owned = {id(p) for m in local for p in m.parameters()}
+    names = frozenset(clean_fqn(n) for n, p in model.named_parameters() if id(p) in owned)
+    return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero)
+
+
+def _check(layers: list[MoEInfo], ep: int, replicas: int, zero: int) -> None:
+    """ep divides dp x cp and every layer's expert count; there are MoE layers; zero is 0-3."""
+    if replicas % ep:
+        raise ValueError(f"ep ({ep}) must divide dp x cp ({replicas}); choose ep among "
+                         f"{[d for d in range(1, replicas + 1) if replicas % d == 0]}")
+    if not layers:
+        raise ValueError(f"ep={ep} shards MoE experts, but the capture found no MoE layer (a router linear "
+                         "beside a ModuleList of identical experts) in this model; use ep=1")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3 with expert parallelism, got {zero}")
+    for info in layers:
+        if info.num_experts % ep:
+            common = math.gcd(info.num_experts, replicas)
+            raise ValueError(f"{info.module}: {info.num_experts} experts do not divide over ep = {ep}; choose "
+                             f"ep among {[d for d in range(1, common + 1) if common % d == 0]}")
