@@ -4,16 +4,16 @@
              [--micro-batch M] [--global-batch B] [--seq-len T] [--lr LR] [--plan plan.yaml]
     python examples/train.py --model MODEL --steps N --seed S        # the unsharded reference
 
-Tokens come from the seed (the same global batch whatever the layout); AdamW; rank 0 prints one JSON line
-per step: {"step": i, "loss": x}. Degrees the layout leaves out are 1, except dp, which takes the remaining
-ranks; zero defaults to 0 (plain data parallel). `--plan` runs a plan written by `plan ... -o plan.yaml`
+Tokens come from the seed (autoshard/synthetic.py: a learnable bigram rule with noise; the same global
+batch whatever the layout); AdamW; rank 0 prints one JSON line per step: {"step": i, "loss": x}. Degrees
+the layout leaves out are 1, except dp, which takes the remaining ranks; zero defaults to 0 (plain data parallel). `--plan` runs a plan written by `plan ... -o plan.yaml`
 (its layout, micro-batch and per-block recompute; --layout must then be empty).
 
 The model is built with its parameters on the meta device and every rank allocates and initialises only its
 shards (transforms/init.py: seeded per parameter, so every layout starts from the unsharded model's exact
 weights). `--grads-out F` saves the whole gradients after the first step (rank 0) for equivalence tests.
-Pipeline, context and expert parallelism come with the later transform issues; layouts using them are
-refused with exit code 2.
+Every layout of tp (with sp), pp (with vpp and the schedule), cp, ep, dp and zero runs; `--stage-split 1,3`
+sets the blocks per pipeline chunk (the plan's split with --plan; even otherwise). Bad input exits with 2.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from autoshard.planner.capture import capture  # noqa: E402
 from autoshard.planner.errors import UserError  # noqa: E402
 from autoshard.planner.loading import load_model  # noqa: E402
 from autoshard.planner.plan import fingerprint, load_plan  # noqa: E402
-from autoshard.transforms.apply import apply_layout  # noqa: E402
+from autoshard.synthetic import synthetic_batch  # noqa: E402
+from autoshard.transforms.apply import apply_layout, plan_choices  # noqa: E402
 from autoshard.transforms.init import meta_parameters  # noqa: E402
 
 
@@ -45,12 +46,13 @@ def main() -> int:
     try:
         model, vocab = _build(args)
         graph = capture(model, 1, args.seq_len)
-        layout, recompute = _layout(args, world, graph)
+        layout, recompute, split = _layout(args, world, graph)
         if args.global_batch % (layout.dp * layout.mbs):
             raise UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout.dp}) x "
                             f"micro-batch({layout.mbs})")
         rank = _init_distributed(world)
-        parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed)
+        parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
+                                split=split)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +73,8 @@ def main() -> int:
 
 
 def _layout(args: argparse.Namespace, world: int, graph) -> tuple:
-    """The Layout (and per-block recompute) from --layout or --plan, checked against the world size."""
+    """The Layout, per-block recompute and stage split from --layout (and --stage-split) or --plan, checked
+    against the world size."""
     if args.plan:
         if args.layout:
             raise UserError("give --layout or --plan, not both")
@@ -80,14 +83,12 @@ def _layout(args: argparse.Namespace, world: int, graph) -> tuple:
             raise UserError(f"{args.plan} is a plan for {plan.gpus} GPUs but {world} processes were started")
         if plan.model.get("fingerprint") != fingerprint(graph):
             raise UserError(f"{args.plan} was made for another model ({plan.model.get('name')}); re-plan {args.model}")
-        recompute = {}
-        for stage in plan.stages:
-            recompute.update(stage.recompute)
-        return plan.layout_obj(), recompute
+        return plan.layout_obj(), *plan_choices(plan, graph)
     partial = parse_layout(args.layout or "")
     partial.setdefault("zero", 0)
     partial.setdefault("mbs", args.micro_batch)
-    return complete(partial, world), None
+    split = [int(x) for x in args.stage_split.split(",")] if args.stage_split else None
+    return complete(partial, world), None, split
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--plan", help="a plan .yaml to run instead of --layout")
+    p.add_argument("--stage-split", help="blocks per pipeline chunk (pp x vpp numbers), e.g. 1,3; even if not given")
     p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
     return p
 
@@ -135,8 +137,7 @@ def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
 
 def _batch(args: argparse.Namespace, vocab: int, step: int) -> torch.Tensor:
     """The step's global batch of token ids, the same on every rank and for every layout."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + step)
-    return torch.randint(0, vocab, (args.global_batch, args.seq_len + 1), generator=g)
+    return synthetic_batch(seed=args.seed, step=step, batch=args.global_batch, seq_len=args.seq_len, vocab=vocab)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,17 +27,19 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from autoshard.cost_models.layout import Layout
+from autoshard.cost_models.pipeline import split_blocks as pipeline_split_blocks
 from autoshard.planner.capture import capture
 from autoshard.planner.errors import UserError
 from autoshard.planner.model_graph import ModelGraph
 from autoshard.planner.plan import Plan, fingerprint
 
 from .ac import apply_ac
-from .dp import apply_dp
+from .cp import apply_cp
+from .dp import apply_dp, apply_dp_to_chunks
+from .ep import ExpertShards, apply_ep
 from .init import clean_fqn, is_meta, materialize
+from .pp import PipelineChunk, build_schedule, chunk_specs, split_from_units, split_model
 from .tp import apply_tp
-
-NOT_YET = ("pp", "cp", "ep")
 
 BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
 """(inputs [b, s], targets [b, s]) -> (model args, model kwargs, this rank's targets). The identity for
@@ -58,6 +60,8 @@ class ParallelModel:
     micro_batch: int
     device: torch.device
     split_batch: BatchSplit = whole_batch
+    experts: ExpertShards | None = None
+    """This rank's experts under expert parallelism (their gradients are gathered from their owners)."""
 
     def train_step(self, tokens: Tensor) -> float:
         """One step on this data-parallel rank's share of the global batch of token ids [B, s + 1]; returns
@@ -89,12 +93,8 @@ class ParallelModel:
 
     def full_gradients(self) -> dict[str, Tensor]:
         """Every parameter's whole gradient by its unwrapped name (a collective: call it on every rank)."""
-        grads = {}
-        for name, p in self.module.named_parameters():
-            g = p.grad
-            if g is not None:
-                grads[clean_fqn(name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu()
-        return grads
+        grads = whole_gradients(self.module)
+        return self.experts.gather(grads) if self.experts is not None else grads
 
 
 def device_for_rank() -> torch.device:
@@ -124,30 +124,33 @@ def build_mesh(layout: Layout) -> DeviceMesh:
 
 
 def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh | None = None,
-                 recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None) -> ParallelModel:
+                 recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None,
+                 split: list[int] | None = None) -> ParallelModel:
     """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
     with meta parameters (transforms/init.py) gets its shards allocated and initialised from `seed`.
-    `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices)."""
-    not_yet = [k for k in NOT_YET if getattr(layout, k) > 1]
-    if not_yet:
-        raise UserError(f"the layout uses {', '.join(f'{k}={getattr(layout, k)}' for k in not_yet)}; this version "
-                        "applies tp (with sp), dp/zero and recompute (pipeline, context and expert parallelism "
-                        "come next)")
+    `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices).
+    `split`: blocks per pipeline chunk (pp x vpp of them; the plan's stage split), even when None."""
     meta = is_meta(model)
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
+    if layout.pp > 1:
+        return apply_pipeline(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed,
+                              split=split)
     device = device_for_rank()
     if not meta:
         model.to(device)
     blocks = [b.name for b in graph.blocks]
     split_batch: BatchSplit = whole_batch
+    experts: ExpertShards | None = None
     try:
         if layout.tp > 1:
             apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
-        # --- CP slot (transforms/cp.py): shard attention over mesh["cp"]; set split_batch
-        # --- EP slot (transforms/ep.py): shard the experts over the ep ranks inside mesh["dp_cp"]
+        if layout.cp > 1:  # after TP: the attention modules keep their names, their k/v are this rank's heads
+            split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph)
+        if layout.ep > 1:  # before recompute and DP: those wrap and shard the final (local) experts
+            experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
@@ -157,13 +160,128 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: D
         materialize(model, device, seed)
     if replicas > 1:
         model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr, mesh=mesh["dp_cp"],
-                                    sparse_grads=any(b.moe for b in graph.blocks))
+                                    sparse_grads=any(b.moe for b in graph.blocks),
+                                    exclude=experts.names if experts is not None else frozenset())
+        if experts is not None:  # reduced over the ranks holding the same experts only (transforms/ep.py)
+            optimizer = experts.optimizer(optimizer, lr=lr)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if is_meta(model):
         materialize(model, device, seed)
     return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device,
-                         split_batch=split_batch)
+                         split_batch=split_batch, experts=experts)
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineParallelModel(ParallelModel):
+    """A pipeline rank's chunks (`module` is them as an nn.ModuleList) driven by torch's schedule."""
+
+    chunks: list[PipelineChunk]
+    schedule_name: str
+    stage_indices: list[int]
+    n_stages: int
+    _schedules: dict[int, object] = field(default_factory=dict)
+
+    def train_step(self, tokens: Tensor) -> float:
+        dp = self.mesh["dp"].size()
+        local = tokens.chunk(dp)[self.mesh["dp"].get_local_rank()].to(self.device)
+        inputs, targets = local[:, :-1], local[:, 1:]
+        for chunk in self.chunks:
+            chunk.seq_len = inputs.shape[1]
+        first, last = self.chunks[0].first, self.chunks[-1].last
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: list[Tensor] = []
+        with loss_parallel() if self.mesh["tp"].size() > 1 else contextlib.nullcontext():
+            self._schedule(len(local) // self.micro_batch).step(
+                *((inputs,) if first else ()), **({"target": targets, "losses": losses} if last else {}))
+        self.optimizer.step()
+        total = torch.zeros((), device=self.device)
+        if last:
+            total += torch.stack([_plain(x).detach() for x in losses]).mean()
+        dist.all_reduce(total, group=self.mesh["pp"].get_group())  # only the last stage holds the loss
+        if self.mesh["dp_cp"].size() > 1:
+            dist.all_reduce(total, group=self.mesh["dp_cp"].get_group())
+            total /= self.mesh["dp_cp"].size()
+        return total.item()
+
+    def _schedule(self, n_microbatches: int) -> object:
+        if n_microbatches not in self._schedules:
+            self._schedules[n_microbatches] = build_schedule(
+                self.chunks, self.stage_indices, schedule=self.schedule_name, n_stages=self.n_stages,
+                n_microbatches=n_microbatches, device=self.device, group=self.mesh["pp"].get_group(),
+                loss_fn=next_token_loss)
+        return self._schedules[n_microbatches]
+
+    def full_gradients(self) -> dict[str, Tensor]:
+        """Every parameter's whole gradient, gathered from all pipeline stages (a collective on all ranks)."""
+        mine = {k: v for chunk in self.chunks for k, v in whole_gradients(chunk).items()}
+        every: list[dict[str, Tensor]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(every, mine)
+        return {k: v for grads in every for k, v in grads.items()}
+
+
+def whole_gradients(module: nn.Module) -> dict[str, Tensor]:
+    grads = {}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            grads[clean_fqn(name)] = _plain(p.grad).detach().cpu()
+    return grads
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def _plain(t: Tensor) -> Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh,
+                   recompute: dict[str, str] | None, lr: float, seed: int | None,
+                   split: list[int] | None) -> PipelineParallelModel:
+    """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
+    all of this rank's chunks. Context and expert parallelism do not combine with PP in this version."""
+    if layout.cp > 1 or layout.ep > 1:
+        raise UserError(f"pipeline parallelism (pp={layout.pp}) does not combine with cp={layout.cp} or "
+                        f"ep={layout.ep} in this version; use cp=1 and ep=1 with pp, or pp=1")
+    device = device_for_rank()
+    meta = is_meta(model)
+    if not meta:
+        model.to(device)
+    sizes = split or pipeline_split_blocks(len(graph.blocks), layout.pp * layout.vpp)
+    if len(sizes) != layout.pp * layout.vpp:
+        raise UserError(f"the stage split {sizes} has {len(sizes)} chunks; pp({layout.pp}) x vpp({layout.vpp}) "
+                        f"needs {layout.pp * layout.vpp} block counts")
+    pp_rank = mesh["pp"].get_local_rank()
+    try:
+        specs = chunk_specs(len(graph.blocks), sizes, pp_rank, layout.pp)
+        chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len)
+        for chunk in chunks:
+            if layout.tp > 1:
+                apply_tp(chunk.module, mesh=mesh["tp"], graph=graph, sp=layout.sp)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    names = [b.name for b in graph.blocks]
+    modes = dict.fromkeys(names, layout.recompute) | (recompute or {})
+    blocks = []
+    for chunk, spec in zip(chunks, specs, strict=True):
+        mine = [names[i] for i in spec.blocks]
+        apply_ac(chunk.module, blocks=mine, modes=modes)
+        blocks += [chunk.module.get_submodule(n) for n in mine]
+    replicas = layout.dp * layout.cp
+    for chunk in chunks:
+        if meta and (replicas == 1 or layout.zero < 2):
+            materialize(chunk, device, seed)
+    if replicas > 1:
+        optimizer = apply_dp_to_chunks(chunks, zero=layout.zero, blocks=blocks, mesh=mesh["dp_cp"], lr=lr)
+    else:
+        optimizer = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=lr, weight_decay=0.0)
+    for chunk in chunks:
+        if is_meta(chunk):
+            materialize(chunk, device, seed)
+    return PipelineParallelModel(module=nn.ModuleList(chunks), optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs,
+                                 device=device, chunks=chunks, schedule_name=layout.schedule,
+                                 stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp)
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,
@@ -178,10 +296,18 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
     if fingerprint(graph) != plan.model["fingerprint"]:
         raise UserError(f"the plan was made for another model ({plan.model['name']}, fingerprint "
                         f"{plan.model['fingerprint']}); this one has fingerprint {fingerprint(graph)}. Re-plan it.")
+    recompute, split = plan_choices(plan, graph)
+    return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed, split=split)
+
+
+def plan_choices(plan: Plan, graph: ModelGraph) -> tuple[dict[str, str], list[int] | None]:
+    """What a plan fixes beyond its layout: per-block recompute and the blocks per pipeline chunk."""
     recompute: dict[str, str] = {}
     for stage in plan.stages:
         recompute.update(stage.recompute)
-    return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed)
+    if plan.layout_obj().pp == 1:
+        return recompute, None
+    return recompute, split_from_units([s.units for s in plan.stages], [b.name for b in graph.blocks])
 
 
 def parallelize(model: nn.Module, *, profile: str, global_batch: int, seq_len: int, gpus: int | None = None,

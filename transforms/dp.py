@@ -33,6 +33,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from .init import clean_fqn
+
 BUCKET_ELEMENTS = 25_000_000
 """Gradients are all-reduced in flat buckets of about this many elements (DDP's default is 25 MB)."""
 
@@ -130,13 +132,17 @@ def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 
 def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: float = 1e-3,
-             weight_decay: float = 0.0, sparse_grads: bool = False) -> tuple[nn.Module, object]:
+             weight_decay: float = 0.0, sparse_grads: bool = False,
+             exclude: frozenset[str] = frozenset()) -> tuple[nn.Module, object]:
     """Wrap `model` for data parallelism at ZeRO stage `zero`; returns the model and its AdamW optimizer.
 
     `blocks`: FQNs of the repeated blocks (FSDP2 shards each as one unit, then the root).
     `mesh`: a 1-D DeviceMesh over the data-parallel ranks, or None for the default group.
     `sparse_grads`: some parameters may get no gradient in a step (MoE experts no token was routed to);
     DDP must then look for them.
+    `exclude`: unwrapped names of parameters reduced and stepped elsewhere (expert parallelism's experts,
+    data-parallel over their own group, transforms/ep.py): left out of DDP and of the returned optimizer;
+    under FSDP2 they must already be fully_shard-ed on their own mesh.
     """
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
@@ -145,14 +151,41 @@ def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: f
         group = mesh.get_group() if mesh is not None else None
         tensor_parallel = has_dtensors(model)
         if not tensor_parallel:
+            if exclude:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, [n for n, _ in model.named_parameters() if clean_fqn(n) in exclude])
             model = DistributedDataParallel(model, process_group=group, find_unused_parameters=sparse_grads)
             if zero == 0:
-                return model, torch.optim.AdamW(model.parameters(), **adamw)
-        return model, ShardedAdamW(list(model.parameters()), group=group, reduce_grads=tensor_parallel,
+                return model, torch.optim.AdamW(_kept(model, exclude), **adamw)
+        return model, ShardedAdamW(_kept(model, exclude), group=group, reduce_grads=tensor_parallel,
                                    shard=zero == 1, **adamw)
+    _fully_shard(model, [model.get_submodule(fqn) for fqn in blocks], mesh=mesh, reshard=zero == 3)
+    return model, torch.optim.AdamW(_kept(model, exclude), **adamw)
+
+
+def _kept(model: nn.Module, exclude: frozenset[str]) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if clean_fqn(n) not in exclude]
+
+
+def apply_dp_to_chunks(chunks: list[nn.Module], *, zero: int, blocks: list[nn.Module], mesh, lr: float = 1e-3,
+                       weight_decay: float = 0.0) -> object:
+    """Data parallelism for the pipeline chunks of one rank; returns their optimizer. The schedule runs each
+    chunk's backward once per micro-batch, so zero 0 and 1 reduce the gradients once, in the optimizer step
+    (`ShardedAdamW`), not in DDP's per-backward hooks; zero 2 and 3 are FSDP2 per chunk, whose last-backward
+    reduce-scatter the schedule triggers. `blocks`: the repeated blocks inside the chunks."""
+    adamw = {"lr": lr, "weight_decay": weight_decay}
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    if zero <= 1:
+        return ShardedAdamW(params, group=mesh.get_group(), reduce_grads=True, shard=zero == 1, **adamw)
+    for chunk in chunks:
+        inside = {id(m) for m in chunk.modules()}
+        _fully_shard(chunk, [b for b in blocks if id(b) in inside], mesh=mesh, reshard=zero == 3)
+    return torch.optim.AdamW([p for chunk in chunks for p in chunk.parameters()], **adamw)
+
+
+def _fully_shard(root: nn.Module, blocks: list[nn.Module], *, mesh, reshard: bool) -> None:
+    """FSDP2: each block one unit (gathered just before it runs), then the root (embeddings, norm, head)."""
     kwargs = {"mesh": mesh} if mesh is not None else {}
-    reshard = zero == 3
-    for fqn in blocks:
-        fully_shard(model.get_submodule(fqn), reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard, **kwargs)
-    return model, torch.optim.AdamW(model.parameters(), **adamw)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    fully_shard(root, reshard_after_forward=reshard, **kwargs)

@@ -8,12 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 import autoshard
 from autoshard.planner.reference_model import build_reference_model
 from autoshard.planner.spec import load_spec
+from autoshard.synthetic import synthetic_batch
 from autoshard.transforms.init import init_parameters, meta_parameters
 
 SPEC = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"
@@ -31,7 +31,7 @@ else:
         model = build_reference_model(load_spec(SPEC)[0])
     parallel = autoshard.apply_plan(model, plan, seed=SEED)
 for step in range(5):
-    tokens = torch.randint(0, 256, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(SEED * 100_003 + step))
+    tokens = synthetic_batch(seed=SEED, step=step, batch=BATCH, seq_len=SEQ, vocab=256)
     loss = parallel.train_step(tokens)
     if dist.get_rank() == 0:
         print(json.dumps({"step": step, "loss": loss}), flush=True)

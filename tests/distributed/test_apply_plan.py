@@ -41,11 +41,11 @@ def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
 
 def test_parallelize_plans_and_applies_in_one_call(tmp_path):
     """One process: the plan is the single-GPU layout and training matches the unsharded reference."""
-    import torch
 
     import autoshard
     from autoshard.planner.reference_model import build_reference_model
     from autoshard.planner.spec import load_spec
+    from autoshard.synthetic import synthetic_batch
     from autoshard.transforms.init import init_parameters
 
     model = build_reference_model(load_spec(TINY_LLAMA)[0])
@@ -54,6 +54,5 @@ def test_parallelize_plans_and_applies_in_one_call(tmp_path):
                                      global_batch=8, seq_len=32, layout="recompute=none,mbs=8")
     losses = []
     for step in range(5):
-        g = torch.Generator().manual_seed(7 * 100_003 + step)
-        losses.append(parallel.train_step(torch.randint(0, 256, (8, 33), generator=g)))
+        losses.append(parallel.train_step(synthetic_batch(seed=7, step=step, batch=8, seq_len=32, vocab=256)))
     assert_close(losses, reference(TINY_LLAMA, tmp_path)[0])

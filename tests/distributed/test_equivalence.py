@@ -133,7 +133,7 @@ def test_hugging_face_llama_from_config(tmp):
 
 
 def test_layouts_this_version_cannot_run_are_refused():
-    out = launch(TINY_LLAMA, "cp=2", 2)
+    out = launch(TINY_LLAMA, "pp=2,cp=2", 4)
     assert out.returncode != 0 and "cp=2" in out.stderr and 'train.py", line' not in out.stderr
 
 
