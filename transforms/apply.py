@@ -56,7 +56,7 @@ class ParallelModel:
 
     module: nn.Module
     optimizer: object
-    mesh: DeviceMesh | None
+    mesh: Meshes | None
     micro_batch: int
     device: torch.device
     split_batch: BatchSplit = whole_batch
@@ -111,19 +111,29 @@ ranks (one NVLink domain), then CP, DP, and PP across the slowest links. EP is c
 (transforms/ep.py), and ZeRO shards over dp x cp (the "dp_cp" axis), as in torchtitan."""
 
 
-def build_mesh(layout: Layout) -> DeviceMesh:
-    """The job's DeviceMesh with axes MESH_AXES (size-1 axes included) and the flattened "dp_cp" axis."""
+Meshes = dict[str, DeviceMesh]
+"""The 1-D mesh of each axis of MESH_AXES, and "dp_cp"."""
+
+
+def build_mesh(layout: Layout) -> Meshes:
+    """The job's DeviceMesh with axes MESH_AXES (size-1 axes included), as one 1-D mesh per axis."""
     world = dist.get_world_size()
     if layout.gpus != world:
         raise UserError(f"the layout needs pp({layout.pp}) x dp({layout.dp}) x cp({layout.cp}) x tp({layout.tp}) "
                         f"= {layout.gpus} ranks but {world} processes run")
-    mesh = init_device_mesh(device_for_rank().type, tuple(getattr(layout, a) for a in MESH_AXES),
-                            mesh_dim_names=MESH_AXES)
-    mesh["dp", "cp"]._flatten("dp_cp")
-    return mesh
+    return axis_meshes(init_device_mesh(device_for_rank().type, tuple(getattr(layout, a) for a in MESH_AXES),
+                                        mesh_dim_names=MESH_AXES))
 
 
-def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh | None = None,
+def axis_meshes(root: DeviceMesh) -> Meshes:
+    """Split a DeviceMesh with the axes MESH_AXES into its 1-D meshes, plus dp x cp flattened. The flattened
+    mesh is kept as `_flatten` returns it (slicing it back out of the root is deprecated in torch)."""
+    if root.mesh_dim_names != MESH_AXES:
+        raise UserError(f"the mesh must have the axes {MESH_AXES} (outermost first), got {root.mesh_dim_names}")
+    return {axis: root[axis] for axis in MESH_AXES} | {"dp_cp": root["dp", "cp"]._flatten("dp_cp")}
+
+
+def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | DeviceMesh | None = None,
                  recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None,
                  split: list[int] | None = None) -> ParallelModel:
     """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
@@ -135,6 +145,8 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: D
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
+    elif isinstance(mesh, DeviceMesh):
+        mesh = axis_meshes(mesh)
     if layout.pp > 1:
         return apply_pipeline(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed,
                               split=split)
@@ -236,7 +248,7 @@ def _plain(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: DeviceMesh,
+def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes,
                    recompute: dict[str, str] | None, lr: float, seed: int | None,
                    split: list[int] | None) -> PipelineParallelModel:
     """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
