@@ -64,7 +64,8 @@ class Measurements:
     local_world: int = 1
 
 
-def _best(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+def _times(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of `repeats` synchronised calls of `fn`, after one warm-up call."""
     fn()
     sync()
     times = []
@@ -73,7 +74,11 @@ def _best(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> floa
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def _best(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    return min(_times(fn, repeats, sync))
 
 
 def measure_gemm(device: torch.device, sizes: Iterable[int], repeats: int, sync: Callable[[], None],
@@ -144,14 +149,7 @@ def _ops(dist: Any, rank: int, buf: torch.Tensor, chunk: torch.Tensor, out_buf: 
 
 
 def _median(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = _times(fn, repeats, sync)
     # every rank must agree: the slowest rank's median is the collective's time
     import torch.distributed as dist
 

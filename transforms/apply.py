@@ -36,7 +36,7 @@ from autoshard.planner.plan import Plan, fingerprint
 from .ac import apply_ac
 from .cp import apply_cp
 from .dp import apply_dp, apply_dp_to_chunks
-from .ep import ExpertShards, apply_ep
+from .ep import ExpertShards, apply_ep, merge_expert_shards
 from .init import clean_fqn, is_meta, materialize
 from .pp import PipelineChunk, build_schedule, chunk_specs, split_from_units, split_model
 from .tp import apply_tp
@@ -154,17 +154,7 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     if not meta:
         model.to(device)
     blocks = [b.name for b in graph.blocks]
-    split_batch: BatchSplit = whole_batch
-    experts: ExpertShards | None = None
-    try:
-        if layout.tp > 1:
-            apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
-        if layout.cp > 1:  # after TP: the attention modules keep their names, their k/v are this rank's heads
-            split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph)
-        if layout.ep > 1:  # before recompute and DP: those wrap and shard the final (local) experts
-            experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh)
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
     apply_ac(model, blocks=blocks, modes=modes)
     replicas = layout.dp * layout.cp  # ZeRO shards over dp x cp; the cp ranks hold the same weights
@@ -184,6 +174,24 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
                          split_batch=split_batch, experts=experts)
 
 
+def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph,
+                         mesh: Meshes | None) -> tuple[BatchSplit, ExpertShards | None]:
+    """TP/SP -> CP -> EP on `model` (the whole model, or a pipeline chunk's cut-down copy); returns the batch
+    split (CP's) and this rank's experts (EP's)."""
+    split_batch: BatchSplit = whole_batch
+    experts: ExpertShards | None = None
+    try:
+        if layout.tp > 1:
+            apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
+        if layout.cp > 1:  # after TP: the attention modules keep their names, their k/v are this rank's heads
+            split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph)
+        if layout.ep > 1:  # before recompute and DP: those wrap and shard the final (local) experts
+            experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return split_batch, experts
+
+
 @dataclass(kw_only=True, slots=True)
 class PipelineParallelModel(ParallelModel):
     """A pipeline rank's chunks (`module` is them as an nn.ModuleList) driven by torch's schedule."""
@@ -197,9 +205,10 @@ class PipelineParallelModel(ParallelModel):
     def train_step(self, tokens: Tensor) -> float:
         dp = self.mesh["dp"].size()
         local = tokens.chunk(dp)[self.mesh["dp"].get_local_rank()].to(self.device)
-        inputs, targets = local[:, :-1], local[:, 1:]
-        for chunk in self.chunks:
-            chunk.seq_len = inputs.shape[1]
+        args, kwargs, targets = self.split_batch(local[:, :-1], local[:, 1:])
+        inputs = args[0]
+        for chunk in self.chunks:  # every stage runs the model's forward on this rank's tokens (CP: a part)
+            chunk.seq_len, chunk.model_kwargs = inputs.shape[1], kwargs
         first, last = self.chunks[0].first, self.chunks[-1].last
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[Tensor] = []
@@ -252,10 +261,7 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
                    recompute: dict[str, str] | None, lr: float, seed: int | None,
                    split: list[int] | None) -> PipelineParallelModel:
     """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
-    all of this rank's chunks. Context and expert parallelism do not combine with PP in this version."""
-    if layout.cp > 1 or layout.ep > 1:
-        raise UserError(f"pipeline parallelism (pp={layout.pp}) does not combine with cp={layout.cp} or "
-                        f"ep={layout.ep} in this version; use cp=1 and ep=1 with pp, or pp=1")
+    all of this rank's chunks."""
     device = device_for_rank()
     meta = is_meta(model)
     if not meta:
@@ -268,11 +274,11 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
     try:
         specs = chunk_specs(len(graph.blocks), sizes, pp_rank, layout.pp)
         chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len)
-        for chunk in chunks:
-            if layout.tp > 1:
-                apply_tp(chunk.module, mesh=mesh["tp"], graph=graph, sp=layout.sp)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh) for chunk in chunks]
+    split_batch = parts[0][0]
+    experts = merge_expert_shards([e for _, e in parts if e is not None])
     names = [b.name for b in graph.blocks]
     modes = dict.fromkeys(names, layout.recompute) | (recompute or {})
     blocks = []
@@ -285,14 +291,17 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         if meta and (replicas == 1 or layout.zero < 2):
             materialize(chunk, device, seed)
     if replicas > 1:
-        optimizer = apply_dp_to_chunks(chunks, zero=layout.zero, blocks=blocks, mesh=mesh["dp_cp"], lr=lr)
+        optimizer = apply_dp_to_chunks(chunks, zero=layout.zero, blocks=blocks, mesh=mesh["dp_cp"], lr=lr,
+                                       exclude=experts.names if experts is not None else frozenset())
+        if experts is not None:
+            optimizer = experts.optimizer(optimizer, lr=lr)
     else:
         optimizer = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=lr, weight_decay=0.0)
     for chunk in chunks:
         if is_meta(chunk):
             materialize(chunk, device, seed)
     return PipelineParallelModel(module=nn.ModuleList(chunks), optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs,
-                                 device=device, chunks=chunks, schedule_name=layout.schedule,
+                                 device=device, split_batch=split_batch, chunks=chunks, schedule_name=layout.schedule,
                                  stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp)
 
 

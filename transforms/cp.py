@@ -38,6 +38,8 @@ from torch.overrides import TorchFunctionMode
 
 from autoshard.planner.model_graph import AttentionInfo, ModelGraph
 
+from .init import find_submodule
+
 POSITION_KWARGS = ("positions", "position_ids")
 """Keyword arguments through which a model's forward takes the global positions of its tokens."""
 
@@ -70,11 +72,12 @@ class LoadBalancedSplit:
     rank: int
     cp: int
     keyword: str
-    """The model's keyword for the positions: `positions` ([s]) or `position_ids` ([b, s], Hugging Face)."""
+    """The model's keyword for the positions: `positions` ([s]) or `position_ids` ([1, s], Hugging Face).
+    Both are the same for every sequence, so a pipeline stage can hold them for all its micro-batches."""
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[tuple, dict, Tensor]:
         positions = cp_positions(self.rank, self.cp, inputs.shape[1]).to(inputs.device)
-        given = positions.expand(inputs.shape[0], -1) if self.keyword == "position_ids" else positions
+        given = positions[None] if self.keyword == "position_ids" else positions  # HF broadcasts [1, s]
         return (inputs.index_select(1, positions),), {self.keyword: given}, targets.index_select(1, positions)
 
 
@@ -121,8 +124,12 @@ class ContextParallelAttention(TorchFunctionMode):
     @torch.no_grad()
     def _repeated(self, k: Tensor, v: Tensor) -> bool:
         """Whether each group of n_rep consecutive heads of k and v holds copies of one kv head (repeat_kv).
-        Checked on every call, not cached: recomputation (transforms/ac.py) must replay the same ops."""
-        return all(torch.equal(g, g[:, :, :1].expand_as(g)) for g in (t.unflatten(1, (-1, self.n_rep)) for t in (k, v)))
+        Checked on every call, not cached: recomputation (transforms/ac.py) must replay the same ops. Compared
+        bit for bit, so that copies of NaNs (a pipeline stage infers its shapes on uninitialised inputs) count as
+        copies: every cp rank must take the same branch, or their all-gathers would differ in size."""
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return all(torch.equal(g, g[:, :, :1].expand_as(g))
+                   for t in (k, v) for g in (t.view(bits[t.element_size()]).unflatten(1, (-1, self.n_rep)),))
 
 
 def _attend_over_cp(module: nn.Module, info: AttentionInfo, mesh: DeviceMesh) -> None:
@@ -161,5 +168,7 @@ def apply_cp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph) -> LoadBa
         if info.core != "sdpa":
             raise ValueError(f"{info.module}: context parallelism needs attention through "
                              f"F.scaled_dot_product_attention, this one computes it as {info.core}")
-        _attend_over_cp(model.get_submodule(info.module), info, mesh)
+        module = find_submodule(model, info.module)
+        if module is not None:  # a pipeline chunk (transforms/pp.py) holds some of the blocks
+            _attend_over_cp(module, info, mesh)
     return LoadBalancedSplit(rank=mesh.get_local_rank(), cp=cp, keyword=keyword)

@@ -168,19 +168,20 @@ def _kept(model: nn.Module, exclude: frozenset[str]) -> list[nn.Parameter]:
 
 
 def apply_dp_to_chunks(chunks: list[nn.Module], *, zero: int, blocks: list[nn.Module], mesh, lr: float = 1e-3,
-                       weight_decay: float = 0.0) -> object:
+                       weight_decay: float = 0.0, exclude: frozenset[str] = frozenset()) -> object:
     """Data parallelism for the pipeline chunks of one rank; returns their optimizer. The schedule runs each
     chunk's backward once per micro-batch, so zero 0 and 1 reduce the gradients once, in the optimizer step
     (`ShardedAdamW`), not in DDP's per-backward hooks; zero 2 and 3 are FSDP2 per chunk, whose last-backward
-    reduce-scatter the schedule triggers. `blocks`: the repeated blocks inside the chunks."""
+    reduce-scatter the schedule triggers. `blocks`: the repeated blocks inside the chunks; `exclude`: as in
+    `apply_dp` (experts under expert parallelism, already FSDP2-sharded on their own mesh for zero 2-3)."""
     adamw = {"lr": lr, "weight_decay": weight_decay}
-    params = [p for chunk in chunks for p in chunk.parameters()]
     if zero <= 1:
+        params = [p for chunk in chunks for p in _kept(chunk, exclude)]
         return ShardedAdamW(params, group=mesh.get_group(), reduce_grads=True, shard=zero == 1, **adamw)
     for chunk in chunks:
         inside = {id(m) for m in chunk.modules()}
         _fully_shard(chunk, [b for b in blocks if id(b) in inside], mesh=mesh, reshard=zero == 3)
-    return torch.optim.AdamW([p for chunk in chunks for p in chunk.parameters()], **adamw)
+    return torch.optim.AdamW([p for chunk in chunks for p in _kept(chunk, exclude)], **adamw)
 
 
 def _fully_shard(root: nn.Module, blocks: list[nn.Module], *, mesh, reshard: bool) -> None:

@@ -55,7 +55,7 @@ from torch.distributed.fsdp import fully_shard
 from autoshard.planner.model_graph import ModelGraph, MoEInfo
 
 from .dp import ShardedAdamW
-from .init import clean_fqn
+from .init import clean_fqn, find_submodule
 
 
 class LocalExperts(nn.Module):
@@ -219,6 +219,8 @@ class ExpertShards:
     def optimizer(self, dense, *, lr: float, weight_decay: float = 0.0) -> ExpertParallelOptimizer:
         """`dense` (the data-parallel optimizer of the other parameters) joined with the experts' own."""
         params = [p for m in self.experts for p in m.parameters()]
+        if not params:  # a pipeline stage without MoE layers
+            return dense
         if self.zero >= 2:  # FSDP2 (applied in apply_ep) averages them over edp in backward
             experts = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         else:
@@ -238,6 +240,15 @@ class ExpertShards:
         return merged
 
 
+def merge_expert_shards(parts: list[ExpertShards]) -> ExpertShards | None:
+    """One ExpertShards for a rank's pipeline chunks (each sharded by its own `apply_ep` over the same ranks)."""
+    if not parts:
+        return None
+    return ExpertShards(names=frozenset().union(*(p.names for p in parts)),
+                        experts=[e for p in parts for e in p.experts], ep_mesh=parts[0].ep_mesh,
+                        edp_mesh=parts[0].edp_mesh, zero=parts[0].zero)
+
+
 def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, zero: int) -> ExpertShards:
     """Shard every MoE layer's experts over `ep` consecutive ranks of the data-parallel `mesh` (dp x cp);
     under zero 2-3, FSDP2-shard them over their replicas. Non-local experts are deleted (never allocated
@@ -250,6 +261,8 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
     rank = ep_mesh.get_local_rank()
     local: list[nn.Module] = []
     for info in layers:
+        if find_submodule(model, info.module) is None:  # a pipeline chunk (transforms/pp.py) holds some of the blocks
+            continue
         moe = model.get_submodule(info.module)
         parent, _, attr = info.experts.rpartition(".")
         per_rank = info.num_experts // ep

@@ -34,6 +34,14 @@ def clean_fqn(name: str) -> str:
     return name
 
 
+def find_submodule(model: nn.Module, fqn: str) -> nn.Module | None:
+    """`model.get_submodule(fqn)`, or None where it is gone (a pipeline chunk holds some blocks only)."""
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
 @contextlib.contextmanager
 def meta_parameters() -> Iterator[None]:
     """Build modules inside this context with their parameters on meta and their buffers on the CPU."""

@@ -28,11 +28,12 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from autoshard.planner.model_graph import ModelGraph
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+"""Layout schedule -> torch.distributed.pipelining class (imported when a pipeline is built: it pulls in
+torch._dynamo, half a second on every rank of every job that has no pipeline)."""
 
 
 class _StageOutput(Exception):
@@ -70,6 +71,9 @@ class PipelineChunk(nn.Module):
         super().__init__()
         self.module, self.first, self.last, self.seq_len = module, first, last, seq_len
         self.first_block = first_block
+        self.model_kwargs: dict = {}
+        """Keyword arguments of the model's forward, the same for every micro-batch (context parallelism's
+        positions of this rank's tokens)."""
 
     def forward(self, x: Tensor) -> Tensor:
         handle = None
@@ -82,7 +86,7 @@ class PipelineChunk(nn.Module):
             block = self.module.get_submodule(self.first_block)
             handle = block.register_forward_pre_hook(partial(_inject, x), prepend=True, with_kwargs=True)
         try:
-            out = self.module(ids)
+            out = self.module(ids, **self.model_kwargs)
         except _StageOutput as stop:
             return stop.hidden
         finally:
@@ -186,9 +190,11 @@ def split_model(model: nn.Module, graph: ModelGraph, *, sizes: list[int], pp_ran
 def build_schedule(chunks: list[PipelineChunk], specs_index: list[int], *, schedule: str, n_stages: int,
                    n_microbatches: int, device: torch.device, group, loss_fn) -> object:
     """torch's schedule `schedule` over this rank's chunks (PipelineStage indices `specs_index`)."""
-    stages = [PipelineStage(chunk, index, n_stages, device, group=group)
+    from torch.distributed import pipelining
+
+    stages = [pipelining.PipelineStage(chunk, index, n_stages, device, group=group)
               for chunk, index in zip(chunks, specs_index, strict=True)]
-    cls = SCHEDULES[schedule]
+    cls = getattr(pipelining, SCHEDULES[schedule])
     if schedule == "interleaved_1f1b":
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     if len(stages) != 1:

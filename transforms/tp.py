@@ -38,6 +38,8 @@ from torch.distributed.tensor.parallel import (
 
 from autoshard.planner.model_graph import ModelGraph
 
+from .init import find_submodule
+
 HEAD_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads")
 SEQ = 1
 """The sequence dimension of the [batch, seq, hidden] residual stream."""
@@ -125,7 +127,7 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     tp = mesh.size()
     _check_divisible(model, graph, tp, sp)
     for unit in graph.units:
-        attn = _present(model, unit.attention.module) if unit.attention is not None else None
+        attn = find_submodule(model, unit.attention.module) if unit.attention is not None else None
         if attn is None:
             continue
         for name in HEAD_ATTRIBUTES:
@@ -134,20 +136,13 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
                 setattr(attn, name, value // tp)
     # a pipeline chunk (transforms/pp.py) holds some of the modules; the others are gone or parameter-free
     plan = {fqn: style for fqn, style in tp_plan(graph, sp=sp, loss_parallel=loss_parallel).items()
-            if (m := _present(model, fqn)) is not None and any(True for _ in m.parameters())}
+            if (m := find_submodule(model, fqn)) is not None and any(True for _ in m.parameters())}
     parallelize_module(model, mesh, plan)
     if graph.tied:  # both styles made their own DTensor of the shared weight (same rows): share it again
         emb = next(u.name for u in graph.units if u.kind == "embedding")
         head = next(u.name for u in graph.units if u.kind == "head")
         model.get_submodule(head).weight = model.get_submodule(emb).weight
     return model
-
-
-def _present(model: nn.Module, fqn: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(fqn)
-    except AttributeError:
-        return None
 
 
 def _check_divisible(model: nn.Module, graph: ModelGraph, tp: int, sp: bool) -> None:

@@ -84,7 +84,6 @@ def test_data_parallel_zero_stages(zero, tmp):
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_recompute(recompute, tmp):
-    check(TINY_LLAMA, f"recompute={recompute}", 1, tmp)
     check(TINY_LLAMA, f"dp=2,zero=3,recompute={recompute}", 2, tmp)
 
 
@@ -109,7 +108,7 @@ def test_tensor_parallel_over_four_ranks_with_tied_embeddings(tmp):
     check(TINY_GPT, "tp=4", 4, tmp)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
+@pytest.mark.parametrize("zero", [0, 3])  # zero 1 with TP: test_tensor_parallel_on_moe
 def test_tensor_parallel_with_data_parallel(zero, tmp):
     check(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4, tmp)
 
@@ -119,7 +118,6 @@ def test_gpt_style_with_sequence_parallel_fsdp_and_selective_recompute(tmp):
 
 
 def test_tensor_parallel_on_moe(tmp):
-    check(TINY_MOE, "tp=2", 2, tmp)
     check(TINY_MOE, "tp=2,dp=2,zero=1", 4, tmp)
 
 
@@ -132,9 +130,9 @@ def test_hugging_face_llama_from_config(tmp):
 # ------------------------------------------------------------------ bad input
 
 
-def test_layouts_this_version_cannot_run_are_refused():
-    out = launch(TINY_LLAMA, "pp=2,cp=2", 4)
-    assert out.returncode != 0 and "cp=2" in out.stderr and 'train.py", line' not in out.stderr
+def test_a_layout_the_model_cannot_take_is_refused():
+    out = launch(TINY_LLAMA, "ep=2", 2)  # a dense model has no experts to shard
+    assert out.returncode != 0 and "found no MoE layer" in out.stderr and 'train.py", line' not in out.stderr
 
 
 def test_heads_that_do_not_divide_over_tp_are_refused_on_every_rank():

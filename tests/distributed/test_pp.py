@@ -14,6 +14,7 @@ from test_equivalence import (
     ROOT,
     TINY_GPT,
     TINY_LLAMA,
+    TINY_MOE,
     TRAIN,
     assert_close,
     check,
@@ -40,6 +41,14 @@ def test_pipeline_matches_the_unsharded_model(layout, nproc, tmp):
     check(TINY_LLAMA, layout, nproc, tmp)
 
 
+@pytest.mark.parametrize(("model", "layout"), [(TINY_LLAMA, "pp=2,cp=2"), (TINY_MOE, "pp=2,ep=2"),
+                                               (TINY_MOE, "pp=2,ep=2,zero=3")])
+def test_pipeline_with_context_and_expert_parallelism(model, layout, tmp):
+    """All five dimensions compose: the cp ranks' positions reach every stage, the experts of each stage are
+    sharded over its ep ranks (the first stage of tiny_moe also holds a dense block)."""
+    check(model, layout, 4, tmp)
+
+
 def test_uneven_stage_splits(tmp):
     check(TINY_LLAMA, "pp=2", 2, tmp, "--stage-split", "1,3")
     check(TINY_LLAMA, "pp=2,vpp=2", 2, tmp, "--stage-split", "1,1,1,1")
@@ -48,7 +57,7 @@ def test_uneven_stage_splits(tmp):
 def test_hugging_face_llama_from_config(tmp):
     pytest.importorskip("transformers")
     check(HF_LLAMA, "pp=2", 2, tmp)  # 3 decoder layers: stages of 1 and 2
-    check(HF_LLAMA, "pp=2,tp=2", 4, tmp)
+    check(HF_LLAMA, "pp=2,cp=2", 4, tmp)  # position_ids reach every stage
 
 
 def test_a_plan_with_its_stage_split_runs(tmp):
