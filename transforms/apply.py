@@ -37,8 +37,8 @@ from .ac import apply_ac
 from .cp import apply_cp
 from .dp import apply_dp, apply_dp_to_chunks
 from .ep import ExpertShards, apply_ep, merge_expert_shards
-from .init import clean_fqn, is_meta, materialize
-from .pp import PipelineChunk, build_schedule, chunk_specs, split_from_units, split_model
+from .init import clean_fqn, is_meta, materialize, tied_aliases
+from .pp import PipelineChunk, TiedGradients, build_schedule, chunk_specs, split_from_units, split_model
 from .tp import apply_tp
 
 BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
@@ -200,6 +200,9 @@ class PipelineParallelModel(ParallelModel):
     schedule_name: str
     stage_indices: list[int]
     n_stages: int
+    tied: TiedGradients | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Tied parameters' names on this rank -> their names in the unsharded model."""
     _schedules: dict[int, object] = field(default_factory=dict)
 
     def train_step(self, tokens: Tensor) -> float:
@@ -215,6 +218,8 @@ class PipelineParallelModel(ParallelModel):
         with loss_parallel() if self.mesh["tp"].size() > 1 else contextlib.nullcontext():
             self._schedule(len(local) // self.micro_batch).step(
                 *((inputs,) if first else ()), **({"target": targets, "losses": losses} if last else {}))
+        if self.tied is not None:
+            self.tied.sum_gradients()
         self.optimizer.step()
         total = torch.zeros((), device=self.device)
         if last:
@@ -235,7 +240,7 @@ class PipelineParallelModel(ParallelModel):
 
     def full_gradients(self) -> dict[str, Tensor]:
         """Every parameter's whole gradient, gathered from all pipeline stages (a collective on all ranks)."""
-        mine = {k: v for chunk in self.chunks for k, v in whole_gradients(chunk).items()}
+        mine = {self.aliases.get(k, k): v for chunk in self.chunks for k, v in whole_gradients(chunk).items()}
         every: list[dict[str, Tensor]] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(every, mine)
         return {k: v for grads in every for k, v in grads.items()}
@@ -287,9 +292,10 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         apply_ac(chunk.module, blocks=mine, modes=modes)
         blocks += [chunk.module.get_submodule(n) for n in mine]
     replicas = layout.dp * layout.cp
+    aliases = tied_aliases(graph.tied)
     for chunk in chunks:
         if meta and (replicas == 1 or layout.zero < 2):
-            materialize(chunk, device, seed)
+            materialize(chunk, device, seed, aliases)
     if replicas > 1:
         optimizer = apply_dp_to_chunks(chunks, zero=layout.zero, blocks=blocks, mesh=mesh["dp_cp"], lr=lr,
                                        exclude=experts.names if experts is not None else frozenset())
@@ -299,10 +305,15 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         optimizer = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=lr, weight_decay=0.0)
     for chunk in chunks:
         if is_meta(chunk):
-            materialize(chunk, device, seed)
+            materialize(chunk, device, seed, aliases)
+    tied = None
+    if graph.tied:
+        grid = torch.arange(layout.gpus).view(*(getattr(layout, a) for a in MESH_AXES))  # rank of each coordinate
+        tied = TiedGradients(chunks, graph.tied, grid.flatten(1).T.tolist())
     return PipelineParallelModel(module=nn.ModuleList(chunks), optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs,
                                  device=device, split_batch=split_batch, chunks=chunks, schedule_name=layout.schedule,
-                                 stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp)
+                                 stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp,
+                                 tied=tied, aliases=aliases)
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,

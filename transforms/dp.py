@@ -44,6 +44,13 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def local_grad(p: nn.Parameter) -> Tensor:
+    """This rank's gradient shard, laid out like the parameter (a partial DTensor sum is reduced first)."""
+    if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    return local(p.grad)
+
+
 def has_dtensors(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
@@ -82,7 +89,10 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        grads = [self._grad(p) for p in self.params]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [local_grad(p) for p in self.params]
         if self.reduce_grads:
             for bucket in _buckets(grads):
                 flat = self._flat(bucket)
@@ -104,15 +114,6 @@ class ShardedAdamW:
             t = local(p)
             t.copy_(gathered[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
-
-    def _grad(self, p: nn.Parameter) -> Tensor:
-        """This rank's gradient shard, laid out like the parameter (a partial DTensor sum is reduced first)."""
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad
-        if isinstance(g, DTensor) and g.placements != p.placements:
-            p.grad = g = g.redistribute(p.device_mesh, p.placements)
-        return local(g)
 
     @staticmethod
     def _flat(tensors: list[Tensor]) -> Tensor:

@@ -73,11 +73,20 @@ def full_value(name: str, shape: torch.Size, seed: int) -> Tensor:
     return torch.ones(shape)
 
 
+def tied_aliases(tied: list[list[str]]) -> dict[str, str]:
+    """Each name of a tied parameter (ModelGraph.tied) -> the name the unsharded model knows it by (its first).
+    A pipeline stage may hold a tied weight under another name (the head's, on the last stage)."""
+    return {name: names[0] for names in tied for name in names[1:]}
+
+
 @torch.no_grad()
-def init_parameters(model: nn.Module, seed: int) -> None:
-    """Fill every parameter (or this rank's shard of it) with its seeded initial value."""
+def init_parameters(model: nn.Module, seed: int, aliases: dict[str, str] | None = None) -> None:
+    """Fill every parameter (or this rank's shard of it) with its seeded initial value (`aliases`: see
+    `tied_aliases`)."""
+    aliases = aliases or {}
     for name, p in model.named_parameters():
-        full = full_value(name, p.shape, seed).to(p.dtype)
+        clean = clean_fqn(name)
+        full = full_value(aliases.get(clean, clean), p.shape, seed).to(p.dtype)
         if isinstance(p, DTensor):
             shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             p.to_local().copy_(shard.to_local())
@@ -85,7 +94,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             p.copy_(full)
 
 
-def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device | str, seed: int, aliases: dict[str, str] | None = None) -> None:
     """Allocate the meta parameters (their local shards) on `device`, keep the real buffers, initialise."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
     ties: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -102,4 +111,4 @@ def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None
         for name, b in model.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
-    init_parameters(model, seed)
+    init_parameters(model, seed, aliases)

@@ -27,9 +27,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from autoshard.planner.model_graph import ModelGraph
+
+from .dp import local_grad
+from .init import clean_fqn
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 """Layout schedule -> torch.distributed.pipelining class (imported when a pipeline is built: it pulls in
@@ -179,12 +183,32 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def split_model(model: nn.Module, graph: ModelGraph, *, sizes: list[int], pp_rank: int, pp: int,
                 seq_len: int) -> list[PipelineChunk]:
     """The chunks this pipeline rank runs, each a cut-down copy of `model` (the last one reuses it)."""
-    if graph.tied:
-        raise ValueError("tied embeddings under pipeline parallelism need the tied weight's gradient summed "
-                         "across the first and last stages, which this version does not do; untie them or use pp=1")
     specs = chunk_specs(len(graph.blocks), sizes, pp_rank, pp)
     return [build_chunk(model if i == len(specs) - 1 else copy.deepcopy(model), graph, spec, seq_len=seq_len)
             for i, spec in enumerate(specs)]
+
+
+class TiedGradients:
+    """Tied weights split across stages (the embedding on the first, the head on the last: Megatron's embedding
+    group): each stage's copy gets the gradient of both uses, summed over the two stages before the optimizer
+    step. The copies start equal (seeded by the same name) and get equal updates, so they stay equal."""
+
+    def __init__(self, chunks: list[nn.Module], tied: list[list[str]], pipelines: list[list[int]]) -> None:
+        """`pipelines`: the global ranks of every pipeline, first stage first (every rank creates every
+        first-last group, in the same order, as new_group requires)."""
+        names = {name for group in tied for name in group}
+        self.params = [p for chunk in chunks for n, p in chunk.named_parameters() if clean_fqn(n) in names]
+        self.group = None
+        for line in pipelines:
+            group = dist.new_group([line[0], line[-1]])
+            if dist.get_rank() in (line[0], line[-1]):
+                self.group = group
+
+    @torch.no_grad()
+    def sum_gradients(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                dist.all_reduce(local_grad(p), group=self.group)
 
 
 def build_schedule(chunks: list[PipelineChunk], specs_index: list[int], *, schedule: str, n_stages: int,

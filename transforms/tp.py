@@ -138,9 +138,11 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     plan = {fqn: style for fqn, style in tp_plan(graph, sp=sp, loss_parallel=loss_parallel).items()
             if (m := find_submodule(model, fqn)) is not None and any(True for _ in m.parameters())}
     parallelize_module(model, mesh, plan)
-    if graph.tied:  # both styles made their own DTensor of the shared weight (same rows): share it again
-        emb = next(u.name for u in graph.units if u.kind == "embedding")
-        head = next(u.name for u in graph.units if u.kind == "head")
+    emb = next((u.name for u in graph.units if u.kind == "embedding"), None)
+    head = next((u.name for u in graph.units if u.kind == "head"), None)
+    if graph.tied and emb and head and all(plan.get(m) for m in (emb, head)):
+        # both styles made their own DTensor of the shared weight (same rows): share it again (a pipeline
+        # stage holding only one of them keeps its own; transforms/pp.py sums the two gradients)
         model.get_submodule(head).weight = model.get_submodule(emb).weight
     return model
 
