@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from spawn import spawn
 from test_equivalence import TINY_LLAMA, assert_close, reference
 
 WORKER = Path(__file__).with_name("apply_plan_worker.py")
@@ -16,9 +15,7 @@ WORKER = Path(__file__).with_name("apply_plan_worker.py")
 @pytest.mark.parametrize(("layout", "weights"), [("tp=2,pp=1,cp=1,ep=1", "real"), ("tp=2,pp=1,cp=1,ep=1", "meta"),
                                                  ("tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1", "real")])
 def test_apply_plan_matches_the_unsharded_model(layout, weights, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), layout,
-           weights]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = spawn([str(WORKER), layout, weights], 2)
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
     assert_close(losses, reference(TINY_LLAMA, tmp_path)[0])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train.py"
@@ -29,12 +30,10 @@ def launch(model: Path, layout: str = "", nproc: int = 1, *extra: str) -> subpro
             *extra]
     if layout:
         args += ["--layout", layout]
-    cmd = [sys.executable, str(TRAIN), *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(TRAIN), *args]
+    if nproc > 1:  # as torchrun would (tests/distributed/spawn.py); test_pp.py runs the real torchrun too
+        return spawn([str(TRAIN), *args], nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def run(model: Path, layout: str, nproc: int, tmp: Path, *extra: str) -> tuple[list[float], dict]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from spawn import spawn
 from test_equivalence import (
     HF_LLAMA,
     ROOT,
@@ -109,9 +110,7 @@ def test_activations_held_per_stage_match_the_cost_model(layout, nproc, rel):
     in flight, against cost_models/pipeline.in_flight (1F1B: p - i; GPipe: m; interleaved: Megatron's warm-up;
     its chunks are not equal in bytes, the last one holding the logits, hence the looser bound)."""
     worker = ROOT / "tests" / "distributed" / "pp_memory_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(worker),
-           layout]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = spawn([str(worker), layout], nproc)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("[")))
     assert [r["stage"] for r in rows] == list(range(nproc))
