@@ -205,7 +205,8 @@ def calibrate(*, profile_out: str | Path, base: str = "cpu_gloo", quick: bool = 
 def _progress(total: int, disable: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="calibrating", unit="benchmark", file=sys.stderr, disable=disable, delay=1.0)
+    return tqdm(total=total, desc="calibrating", unit="benchmark", file=sys.stderr, delay=1.0,
+                disable=disable or not sys.stderr.isatty())
 
 
 def profile_data(m: Measurements, *, base: str, name: str, device: torch.device) -> dict[str, Any]:

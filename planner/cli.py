@@ -138,7 +138,8 @@ def _write_outputs(args: argparse.Namespace, result: object) -> None:
 
 @contextlib.contextmanager
 def _progress(desc: str, quiet: bool, after_s: float = 1.0) -> Iterator[None]:
-    """An elapsed-time line on stderr (tqdm) for work that takes over `after_s` seconds; cleared after."""
+    """An elapsed-time line on stderr (tqdm) for work that takes over `after_s` seconds; cleared after. Only on
+    a terminal: in a log or a pipe it would be noise before the one-paragraph error others parse."""
     done = threading.Event()
 
     def show() -> None:
@@ -150,7 +151,8 @@ def _progress(desc: str, quiet: bool, after_s: float = 1.0) -> Iterator[None]:
             while not done.wait(0.25):
                 bar.refresh()
 
-    thread = None if quiet or not sys.stderr else threading.Thread(target=show, daemon=True)
+    shown = not quiet and sys.stderr is not None and sys.stderr.isatty()
+    thread = threading.Thread(target=show, daemon=True) if shown else None
     if thread is not None:
         thread.start()
     try:
