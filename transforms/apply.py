@@ -75,10 +75,14 @@ class ParallelModel:
             loss = self._loss_backward(mb, scale=1 / len(micro))
             total += loss / len(micro)
         self.optimizer.step()
-        if self.mesh is not None and self.mesh["dp_cp"].size() > 1:  # every cp rank's mean is over as many tokens
-            dist.all_reduce(total, group=self.mesh["dp_cp"].get_group())
-            total /= self.mesh["dp_cp"].size()
-        return total.item()
+        return self._mean_over_replicas(total)
+
+    def _mean_over_replicas(self, loss: Tensor) -> float:
+        """The mean of this rank's loss over dp x cp (every cp rank's mean is over as many tokens)."""
+        if self.mesh is not None and self.mesh["dp_cp"].size() > 1:
+            dist.all_reduce(loss, group=self.mesh["dp_cp"].get_group())
+            loss /= self.mesh["dp_cp"].size()
+        return loss.item()
 
     def _loss_backward(self, mb: Tensor, scale: float) -> Tensor:
         args, kwargs, targets = self.split_batch(mb[:, :-1], mb[:, 1:])
@@ -86,10 +90,9 @@ class ParallelModel:
         logits = getattr(out, "logits", out)
         vocab_parallel = isinstance(logits, DTensor)
         with loss_parallel() if vocab_parallel else contextlib.nullcontext():
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+            loss = next_token_loss(logits, targets)
             (loss * scale).backward()
-        loss = loss.detach()
-        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return _plain(loss.detach())
 
     def full_gradients(self) -> dict[str, Tensor]:
         """Every parameter's whole gradient by its unwrapped name (a collective: call it on every rank)."""
@@ -225,10 +228,7 @@ class PipelineParallelModel(ParallelModel):
         if last:
             total += torch.stack([_plain(x).detach() for x in losses]).mean()
         dist.all_reduce(total, group=self.mesh["pp"].get_group())  # only the last stage holds the loss
-        if self.mesh["dp_cp"].size() > 1:
-            dist.all_reduce(total, group=self.mesh["dp_cp"].get_group())
-            total /= self.mesh["dp_cp"].size()
-        return total.item()
+        return self._mean_over_replicas(total)
 
     def _schedule(self, n_microbatches: int) -> object:
         if n_microbatches not in self._schedules:
