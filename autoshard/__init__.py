@@ -5,9 +5,9 @@
 """
 
 from autoshard.planner.api import plan
-from autoshard.planner.capture import capture
-from autoshard.planner.model_graph import ModelGraph
-from autoshard.planner.plan import Plan, load_plan
+from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.capture.trace import capture
+from autoshard.planner.outputs.plan import Plan, load_plan
 from autoshard.transforms.apply import ParallelModel, apply_plan, parallelize
 
 __version__ = "0.1.0"

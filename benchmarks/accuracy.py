@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 from autoshard.cost_models.estimate import estimate  # noqa: E402
 from autoshard.cost_models.layout import RECOMPUTE  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
-from autoshard.planner.capture import capture  # noqa: E402
-from autoshard.planner.loading import LoadedModel, token_inputs  # noqa: E402
-from autoshard.planner.model_graph import ModelGraph  # noqa: E402
-from autoshard.planner.reference_model import build_reference_model  # noqa: E402
-from autoshard.planner.spec import parse_spec  # noqa: E402
+from autoshard.planner.capture.loading import LoadedModel, token_inputs  # noqa: E402
+from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
+from autoshard.planner.capture.reference_model import build_reference_model  # noqa: E402
+from autoshard.planner.capture.spec import parse_spec  # noqa: E402
+from autoshard.planner.capture.trace import capture  # noqa: E402
 from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -76,8 +76,8 @@ def graph_for(run: CalibrationRun) -> ModelGraph:
     """Capture the run's model at its sequence length, cached on disk by model and capture code."""
     import torch
 
-    code = b"".join((ROOT / f).read_bytes() for f in ("planner/capture.py", "planner/structure.py",
-                                                      "planner/reference_model.py", "planner/model_graph.py"))
+    code = b"".join((ROOT / f).read_bytes() for f in ("planner/capture/trace.py", "planner/capture/structure.py",
+                                                      "planner/capture/reference_model.py", "planner/capture/model_graph.py"))
     key = hashlib.sha1(repr((sorted(run.model.items()), run.training.seq_len)).encode() + code).hexdigest()[:16]
     path = CACHE / f"{key}.pkl"
     if path.exists():

@@ -86,8 +86,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from autoshard.cost_models.layout import Layout, Training
+from autoshard.planner.capture.spec import parse_spec
 from autoshard.planner.errors import SpecError
-from autoshard.planner.spec import parse_spec
 
 __all__ = [
     "DEFAULT_PATH", "ENV_VAR", "CalibrationRun", "Estimate", "SkipRun", "build_run", "eq3_flops_per_token",

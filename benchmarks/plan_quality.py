@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from autoshard.cost_models.estimate import Estimate, estimate  # noqa: E402
 from autoshard.cost_models.layout import Layout  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
-from autoshard.planner.model_graph import ModelGraph  # noqa: E402
-from autoshard.planner.search import (  # noqa: E402
+from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
+from autoshard.planner.search.layouts import (  # noqa: E402
     MBS_CHOICES,
     VPP_CHOICES,
     ZERO_ORDER,
@@ -113,7 +113,7 @@ def short(lay: Layout) -> str:
 
 
 def outside_space(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> list[str]:
-    """The reasons the published layout is not one the search prices (planner/search.py's choices)."""
+    """The reasons the published layout is not one the search prices (planner/search/layouts.py's choices)."""
     lay, training = run.layout, run.training
     attn = next((b.attention for b in graph.blocks if b.attention), None)
     per_dp = training.global_batch // lay.dp

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoshard.hardware_profiles import Profile
-from autoshard.planner.model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import ModelGraph
 
 from . import communication as comm
 from . import memory, pipeline

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoshard.planner.model_graph import ModelGraph, Unit
+from autoshard.planner.capture.model_graph import ModelGraph, Unit
 
 ACT_BYTES = 2
 """Activation element size in 16-bit training."""

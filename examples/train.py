@@ -30,11 +30,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoshard.cost_models.layout import complete, parse_layout  # noqa: E402
-from autoshard.planner import structure  # noqa: E402
-from autoshard.planner.capture import capture  # noqa: E402
+from autoshard.planner.capture import structure  # noqa: E402
+from autoshard.planner.capture.loading import load_model  # noqa: E402
+from autoshard.planner.capture.trace import capture  # noqa: E402
 from autoshard.planner.errors import UserError  # noqa: E402
-from autoshard.planner.loading import load_model  # noqa: E402
-from autoshard.planner.plan import fingerprint, load_plan  # noqa: E402
+from autoshard.planner.outputs.plan import fingerprint, load_plan  # noqa: E402
 from autoshard.synthetic import synthetic_batch  # noqa: E402
 from autoshard.transforms.apply import apply_layout, plan_choices  # noqa: E402
 from autoshard.transforms.init import meta_parameters  # noqa: E402
@@ -123,7 +123,7 @@ def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
             model = transformers.AutoModelForCausalLM.from_config(loaded.module.config, torch_dtype=torch.float32)
             return model, model.config.vocab_size
         if loaded.spec is not None:
-            from autoshard.planner.reference_model import build_reference_model
+            from autoshard.planner.capture.reference_model import build_reference_model
 
             return build_reference_model(loaded.spec), loaded.spec.vocab
         import importlib.util

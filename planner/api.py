@@ -11,12 +11,11 @@ from torch import nn
 from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Training, complete, parse_layout
 from autoshard.hardware_profiles import Profile, UnknownProfileError, load_profile
-
-from .capture import capture
-from .errors import UserError
-from .loading import LoadedModel, load_model
-from .plan import Plan, build_plan
-from .search import SearchResult, search
+from autoshard.planner.capture.loading import LoadedModel, load_model
+from autoshard.planner.capture.trace import capture
+from autoshard.planner.errors import UserError
+from autoshard.planner.outputs.plan import Plan, build_plan
+from autoshard.planner.search.layouts import SearchResult, search
 
 FULL_LAYOUT = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs", "recompute")
 ALTERNATIVES = 5

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from autoshard.cost_models.layout import PRECISIONS
 from autoshard.hardware_profiles import profile_names
-
-from .errors import UserError
-from .export import FRAMEWORKS
-from .model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.errors import UserError
+from autoshard.planner.outputs.export import FRAMEWORKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("give --gpus N and --profile NAME to plan (--layout to fix some or all of the layout), "
                         "or --inspect to see the captured model.")
     _check_outputs(args)
-    from .api import plan
+    from autoshard.planner.api import plan
 
     with _progress(f"planning {Path(args.model).name} on {args.gpus} GPUs", args.quiet):
         result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
@@ -118,9 +117,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _write_outputs(args: argparse.Namespace, result: object) -> None:
     """-o (plan YAML, or the export), --report; what an export cannot express goes to stderr."""
     from autoshard.hardware_profiles import load_profile
-
-    from .export import export_plan
-    from .report import write_report
+    from autoshard.planner.outputs.export import export_plan
+    from autoshard.planner.outputs.report import write_report
 
     if args.export:
         exported = export_plan(result, args.export)
@@ -170,7 +168,7 @@ def _subcommand(argv: list[str]) -> int:
     """`plan explain PLAN.yaml`, `plan diff A.yaml B.yaml` and `plan calibrate --profile-out F.yaml`."""
     if argv[0] == "calibrate":
         return _calibrate(argv[1:])
-    from .plan import diff, load_plan
+    from autoshard.planner.outputs.plan import diff, load_plan
 
     p = argparse.ArgumentParser(prog=f"plan {argv[0]}")
     p.add_argument("plans", nargs=1 if argv[0] == "explain" else 2, help="plan YAML file(s) written with -o")
@@ -208,7 +206,7 @@ def _calibrate(argv: list[str]) -> int:
             load_profile(base)
         except (UnknownProfileError, ValueError) as exc:
             raise UserError(f"--base: {exc}") from exc
-        from .calibrate import calibrate
+        from autoshard.planner.calibrate import calibrate
 
         data = calibrate(profile_out=args.profile_out, base=base, quick=args.quick, quiet=args.quiet)
     except UserError as exc:
@@ -223,7 +221,7 @@ def _calibrate(argv: list[str]) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .capture import capture
+    from autoshard.planner.capture.trace import capture
 
     graph = capture(args.model, args.micro_batch or 1, args.seq_len)
     for w in graph.warnings:

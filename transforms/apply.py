@@ -28,10 +28,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from autoshard.cost_models.layout import Layout
 from autoshard.cost_models.pipeline import split_blocks as pipeline_split_blocks
-from autoshard.planner.capture import capture
+from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
-from autoshard.planner.model_graph import ModelGraph
-from autoshard.planner.plan import Plan, fingerprint
+from autoshard.planner.outputs.plan import Plan, fingerprint
 
 from .ac import apply_ac
 from .cp import apply_cp

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from autoshard.planner.model_graph import AttentionInfo, ModelGraph
+from autoshard.planner.capture.model_graph import AttentionInfo, ModelGraph
 
 from .init import find_submodule
 

@@ -52,7 +52,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from autoshard.planner.model_graph import ModelGraph, MoEInfo
+from autoshard.planner.capture.model_graph import ModelGraph, MoEInfo
 
 from .dp import ShardedAdamW
 from .init import clean_fqn, find_submodule

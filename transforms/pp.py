@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from autoshard.planner.model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import ModelGraph
 
 from .dp import local_grad
 from .init import clean_fqn

@@ -1,6 +1,6 @@
 """Tensor and sequence parallelism from the captured structure (not from module names), on DTensor.
 
-For each block the capture found (planner/structure.py):
+For each block the capture found (planner/capture/structure.py):
 - attention: the linears before the core are column-parallel (q, k, v: heads split over the TP ranks),
   the ones after it row-parallel (o); each rank runs heads/tp heads. The model must size its head
   dimension from the local tensor (reshape with -1, as autoshard's reference model and HF's do) or from
@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from autoshard.planner.model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import ModelGraph
 
 from .init import find_submodule
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 import autoshard
-from autoshard.planner.reference_model import build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import build_reference_model
+from autoshard.planner.capture.spec import load_spec
 from autoshard.synthetic import synthetic_batch
 from autoshard.transforms.init import init_parameters, meta_parameters
 

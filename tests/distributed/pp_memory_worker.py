@@ -14,9 +14,9 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.cost_models.pipeline import in_flight
-from autoshard.planner.capture import capture
-from autoshard.planner.reference_model import build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import build_reference_model
+from autoshard.planner.capture.spec import load_spec
+from autoshard.planner.capture.trace import capture
 from autoshard.synthetic import synthetic_batch
 from autoshard.transforms.apply import apply_layout
 from autoshard.transforms.init import meta_parameters

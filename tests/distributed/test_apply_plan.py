@@ -23,9 +23,9 @@ def test_apply_plan_matches_the_unsharded_model(layout, weights, tmp_path):
 
 def test_apply_plan_rejects_a_plan_for_another_world_size_or_model():
     import autoshard
+    from autoshard.planner.capture.reference_model import build_reference_model
+    from autoshard.planner.capture.spec import load_spec
     from autoshard.planner.errors import UserError
-    from autoshard.planner.reference_model import build_reference_model
-    from autoshard.planner.spec import load_spec
 
     plan = autoshard.plan(TINY_LLAMA, gpus=2, profile="h100_ib", global_batch=8, seq_len=32)
     with pytest.raises(UserError, match="2 GPUs but 1 processes"):
@@ -40,8 +40,8 @@ def test_parallelize_plans_and_applies_in_one_call(tmp_path):
     """One process: the plan is the single-GPU layout and training matches the unsharded reference."""
 
     import autoshard
-    from autoshard.planner.reference_model import build_reference_model
-    from autoshard.planner.spec import load_spec
+    from autoshard.planner.capture.reference_model import build_reference_model
+    from autoshard.planner.capture.spec import load_spec
     from autoshard.synthetic import synthetic_batch
     from autoshard.transforms.init import init_parameters
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_equivalence import ROOT, TINY_MOE, check, launch
 
-from autoshard.planner.model_graph import MoEInfo
+from autoshard.planner.capture.model_graph import MoEInfo
 from autoshard.transforms.ep import _check
 
 MODELS = ROOT / "tests" / "data" / "ep"

@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.cost_models.memory import model_states
-from autoshard.planner.capture import capture
-from autoshard.planner.reference_model import build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import build_reference_model
+from autoshard.planner.capture.spec import load_spec
+from autoshard.planner.capture.trace import capture
 from autoshard.transforms.apply import apply_layout
 from autoshard.transforms.dp import ShardedAdamW, local
 from autoshard.transforms.init import meta_parameters

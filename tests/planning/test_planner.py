@@ -12,9 +12,9 @@ from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Layout, Training
 from autoshard.hardware_profiles import load_profile
 from autoshard.planner.api import NoFitError, plan
-from autoshard.planner.capture import capture
-from autoshard.planner.plan import Plan
-from autoshard.planner.search import search
+from autoshard.planner.capture.trace import capture
+from autoshard.planner.outputs.plan import Plan
+from autoshard.planner.search.layouts import search
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 H100 = load_profile("h100_ib")
@@ -113,7 +113,7 @@ def test_full_layout_only_estimates():
 def test_ilp_split_is_priced_like_estimate(llama405b):
     """The ILP's objective and estimate() agree on the chosen split (DP traffic and optimizer aside)."""
     from autoshard.cost_models.work import model_work
-    from autoshard.planner.ilp import StageILP
+    from autoshard.planner.search.ilp import StageILP
 
     training = Training(global_batch=2048, seq_len=8192)
     layout = Layout(tp=8, pp=16, dp=128)

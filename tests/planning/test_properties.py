@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from autoshard.cost_models.layout import Training
 from autoshard.hardware_profiles import load_profile
 from autoshard.planner.api import NoFitError, plan
-from autoshard.planner.plan import Plan
+from autoshard.planner.outputs.plan import Plan
 
 H100 = load_profile("h100_ib")
 

@@ -17,8 +17,8 @@ import pytest
 import tomllib
 
 from autoshard.planner.api import plan
-from autoshard.planner.export import chunks, export_plan
-from autoshard.planner.report import render_html
+from autoshard.planner.outputs.export import chunks, export_plan
+from autoshard.planner.outputs.report import render_html
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 CHROMIUM = "/usr/bin/chromium"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from autoshard.planner.reference_model import build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import build_reference_model
+from autoshard.planner.capture.spec import load_spec
 from autoshard.transforms.ac import apply_ac
 
 SPEC = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from autoshard.cost_models.layout import PRECISIONS, Layout, Training
-from autoshard.planner.spec import parse_spec
+from autoshard.planner.capture.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:

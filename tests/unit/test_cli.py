@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-TOY = Path(__file__).with_name("toy_models.py")
+TOY = Path(__file__).parent / "capture" / "toy_models.py"
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:

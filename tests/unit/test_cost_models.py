@@ -11,7 +11,7 @@ from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Layout, Training, complete, parse_layout
 from autoshard.cost_models.work import UnitWork
 from autoshard.hardware_profiles import parse_profile
-from autoshard.planner.capture import capture
+from autoshard.planner.capture.trace import capture
 
 GB = 1e9
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from autoshard.planner.reference_model import MoE, build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import MoE, build_reference_model
+from autoshard.planner.capture.spec import load_spec
 
 SPEC = Path(__file__).resolve().parents[3] / "examples" / "specs" / "tiny_moe.yaml"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from autoshard.planner.reference_model import MoE, build_reference_model
-from autoshard.planner.spec import load_spec
+from autoshard.planner.capture.reference_model import MoE, build_reference_model
+from autoshard.planner.capture.spec import load_spec
 
 SPEC = Path(__file__).resolve().parents[3] / "examples" / "specs" / "tiny_moe_top1.yaml"
 SKEW = 0.4

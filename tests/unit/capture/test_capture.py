@@ -15,7 +15,7 @@ from toy_models import (
     ValueBranchStack,
 )
 
-from autoshard.planner.capture import capture
+from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import CaptureError
 
 BF16 = 2  # bytes
@@ -196,12 +196,12 @@ def test_gpt_block_matches_korthikanti_outside_the_core(specs):
 @pytest.mark.parametrize("model", ["examples/specs/tiny_llama.yaml", "examples/specs/tiny_gpt.yaml",
                                    "examples/models/gpt2_small.py", "tests/data/hf/tiny_llama", "mlp6", "moe6"])
 def test_repeated_blocks_give_the_full_graph(model, tmp_path):
-    """Capturing three blocks of each run and repeating them (planner/repeat.py) equals capturing all."""
+    """Capturing three blocks of each run and repeating them (planner/capture/repeat.py) equals capturing all."""
     from pathlib import Path
 
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if model == "mlp6":
         source = MLPStack(layers=6)
     elif model == "moe6":  # one dense block, then five MoE blocks: two runs

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autoshard.planner.reference_model import Attention, MoE, Transformer, build_reference_model
-from autoshard.planner.spec import ModelSpec, load_spec
+from autoshard.planner.capture.reference_model import Attention, MoE, Transformer, build_reference_model
+from autoshard.planner.capture.spec import ModelSpec, load_spec
 
-SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+SPECS = Path(__file__).resolve().parents[3] / "examples" / "specs"
 
 
 def example(name: str) -> ModelSpec:

@@ -27,8 +27,7 @@ from autoshard.cost_models.estimate import Estimate, assign_stages
 from autoshard.cost_models.layout import Layout
 from autoshard.cost_models.work import model_work
 from autoshard.hardware_profiles import Profile
-
-from .model_graph import ModelGraph, Unit
+from autoshard.planner.capture.model_graph import ModelGraph, Unit
 
 try:
     from enum import StrEnum
@@ -173,7 +172,7 @@ class Plan:
         return {key: data[key] for key in TOP_KEYS}
 
     def to_yaml(self) -> str:
-        header = f"# autoshard plan (schema {SCHEMA_VERSION}); load with autoshard.planner.plan.load_plan\n"
+        header = f"# autoshard plan (schema {SCHEMA_VERSION}); load with autoshard.planner.outputs.plan.load_plan\n"
         text = header + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=100)
         assert Plan.from_yaml(text) == self, "the plan YAML does not load back to the same plan"
         return text

@@ -32,10 +32,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import structure
-from .errors import CaptureError
-from .model_graph import ModelGraph, Unit, cuts_from_flow, edges_from_flow
-from .repeat import capture_repeated
+from autoshard.planner.capture import structure
+from autoshard.planner.capture.model_graph import ModelGraph, Unit, cuts_from_flow, edges_from_flow
+from autoshard.planner.capture.repeat import capture_repeated
+from autoshard.planner.errors import CaptureError
 
 METHODS = ("fx", "export", "hooks")
 Flow = list[tuple[str, str, int, bool]]
@@ -54,10 +54,13 @@ def capture(
     """Capture `model` (an nn.Module, or a path to model.py, spec.yaml or a Hugging Face config) on meta.
 
     `methods` restricts the trace methods tried, in order (tests use it to force a path). `repeat` captures
-    two blocks of each run of identical blocks and repeats them (planner/repeat.py); False captures every
+    two blocks of each run of identical blocks and repeats them (planner/capture/repeat.py); False captures every
     block (and keeps the whole model's fx GraphModule).
     """
-    from .loading import load_model, with_seq_len  # loading imports capture's callers; keep the import local
+    from autoshard.planner.capture.loading import (  # loading imports capture's callers; keep the import local
+        load_model,
+        with_seq_len,
+    )
 
     loaded = load_model(model)
     seq_len = seq_len or loaded.seq_len

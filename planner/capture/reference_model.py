@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
-from autoshard.planner.spec import ModelSpec
+from autoshard.planner.capture.spec import ModelSpec
 
 __all__ = ["Attention", "FeedForward", "MoE", "Transformer", "TransformerBlock", "build_reference_model"]
 

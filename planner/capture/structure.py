@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .model_graph import AttentionInfo, MLPInfo, MoEInfo
+from autoshard.planner.capture.model_graph import AttentionInfo, MLPInfo, MoEInfo
 
 
 @dataclass(kw_only=True, slots=True)

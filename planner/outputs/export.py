@@ -27,7 +27,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import Plan
+from autoshard.planner.outputs.plan import Plan
 
 FRAMEWORKS = ("torchtitan", "megatron", "deepspeed")
 TITAN_SCHEDULES = {"1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B", "gpipe": "GPipe"}

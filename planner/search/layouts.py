@@ -1,5 +1,5 @@
 """Search over layouts: enumerate degree tuples, prune by a compute bound, price with the cost model, and
-refine the best few with the stage-assignment ILP (planner/ilp.py).
+refine the best few with the stage-assignment ILP (planner/search/ilp.py).
 
 1. Degree tuples (tp, cp, pp, dp, ep) with tp x cp x pp x dp = N, any divisors (2,520 = 8 x 35 x 9 is
    real), under the constraints experts apply: tp inside one NVLink domain and dividing the attention
@@ -27,9 +27,8 @@ from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
-
-from .ilp import StageILP
-from .model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.search.ilp import StageILP
 
 MBS_CHOICES = (1, 2, 4, 8)
 VPP_CHOICES = (1, 2, 4)

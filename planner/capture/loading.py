@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UserError
+from autoshard.planner.errors import ModelLoadError, UserError
 
 DEFAULT_SEQ_LEN = 2048
 HF_DEFAULT_SEQ_LEN = 4096
@@ -133,8 +133,8 @@ def _user_inputs(path: Path, fn: Callable[[int, int], Any]) -> Callable[[int, in
 
 
 def _load_spec(path: Path) -> LoadedModel:
-    from .reference_model import build_reference_model
-    from .spec import load_spec
+    from autoshard.planner.capture.reference_model import build_reference_model
+    from autoshard.planner.capture.spec import load_spec
 
     model_spec, training, warnings = load_spec(path)
     with torch.device("meta"):
@@ -156,7 +156,7 @@ def with_seq_len(loaded: LoadedModel, seq_len: int) -> LoadedModel:
     are sized by it); other models are returned as they are."""
     if loaded.kind != "spec" or seq_len <= loaded.spec.seq_len:
         return loaded
-    from .reference_model import build_reference_model
+    from autoshard.planner.capture.reference_model import build_reference_model
 
     spec = dataclasses.replace(loaded.spec, seq_len=seq_len)
     with torch.device("meta"):

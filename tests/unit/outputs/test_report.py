@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autoshard.cost_models.communication import Group
-from autoshard.planner.report import (
+from autoshard.planner.outputs.report import (
     group_members,
     idle_fraction,
     rank_coords,
@@ -78,7 +78,7 @@ def test_mesh_coordinates_and_groups():
 def tiny_plan(tmp_path_factory):
     from autoshard.planner.api import plan
 
-    spec = Path(__file__).resolve().parents[2] / "examples" / "specs" / "tiny_llama.yaml"
+    spec = Path(__file__).resolve().parents[3] / "examples" / "specs" / "tiny_llama.yaml"
     return plan(spec, gpus=8, profile="h100_ib", global_batch=16,
                 layout="tp=2,pp=2,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective")
 
@@ -93,7 +93,7 @@ def test_html_is_self_contained(tiny_plan):
 
 
 def test_report_reads_a_plan_from_yaml(tiny_plan, tmp_path):
-    from autoshard.planner.plan import Plan
+    from autoshard.planner.outputs.plan import Plan
 
     reloaded = Plan.from_yaml(tiny_plan.to_yaml())
     assert reloaded.stage_memory_gib == [] and tiny_plan.stage_memory_gib  # not part of the YAML

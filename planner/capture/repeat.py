@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import structure
-from .model_graph import Edge, ModelGraph, Unit
+from autoshard.planner.capture import structure
+from autoshard.planner.capture.model_graph import Edge, ModelGraph, Unit
 
 MIN_SAVED_BLOCKS = 1
 
@@ -85,7 +85,7 @@ def _expand(g: ModelGraph, container: str, keep: list[int], runs: list[tuple[int
     expanded.bwd_flops += sum(u.bwd_flops for u in extra)
     expanded.saved_bytes += sum(u.saved_bytes for u in extra)
     expanded.warnings = [*g.warnings, f"captured {len(keep)} of {len(full_units) - len(g.units) + len(keep)} "
-                                      "blocks; identical blocks repeated (planner/repeat.py)"]
+                                      "blocks; identical blocks repeated (planner/capture/repeat.py)"]
     return expanded
 
 

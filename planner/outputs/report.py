@@ -21,8 +21,7 @@ from typing import Any
 
 from autoshard.cost_models.communication import Group, layout_groups
 from autoshard.cost_models.compute import GEMM_BWD_FACTOR
-
-from .plan import Plan, compact_units
+from autoshard.planner.outputs.plan import Plan, compact_units
 
 FWD_SHARE = 1.0 / (1.0 + GEMM_BWD_FACTOR)
 """Forward share of one micro-batch's forward + backward time."""
@@ -365,7 +364,7 @@ def _alternatives_html(plan: Plan) -> str:
         return "<p>none priced (the layout was given)</p>"
     rows = [[plan.layout_obj().to_string() + "  (chosen)", plan.predicted["step_time_s"],
              plan.predicted["tokens_per_sec_per_gpu"], plan.predicted["peak_memory_gib"], "yes", ""]]
-    from .plan import _layout_obj
+    from autoshard.planner.outputs.plan import _layout_obj
 
     rows += [[_layout_obj(a.layout).to_string(), a.step_time_s, a.tokens_per_sec_per_gpu, a.peak_memory_gib,
               "yes" if a.fits else "no", a.why_not] for a in plan.alternatives]

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from autoshard.planner.capture.spec import ModelSpec, MoESpec, TrainingSpec, load_spec, parse_spec
 from autoshard.planner.errors import SpecError, UserError
-from autoshard.planner.spec import ModelSpec, MoESpec, TrainingSpec, load_spec, parse_spec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SPECS = REPO / "examples" / "specs"
 CALIBRATION = Path("/work/shared/calibration/published_runs_dev.yaml")
 

@@ -11,9 +11,9 @@ import yaml
 from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Layout, Training
 from autoshard.hardware_profiles import load_profile
-from autoshard.planner.capture import capture
-from autoshard.planner.model_graph import ModelGraph
-from autoshard.planner.plan import (
+from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.capture.trace import capture
+from autoshard.planner.outputs.plan import (
     SCHEMA_VERSION,
     Plan,
     build_plan,
@@ -24,7 +24,7 @@ from autoshard.planner.plan import (
     sharding_for,
 )
 
-SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+SPECS = Path(__file__).resolve().parents[3] / "examples" / "specs"
 TRAINING = Training(global_batch=8, seq_len=32)
 BEST = Layout(tp=2, pp=2, dp=2, recompute="selective")
 ALTERNATIVES = (Layout(tp=1, pp=2, dp=4), Layout(tp=4, pp=1, dp=2, zero=3), Layout(tp=2, pp=1, dp=4))
