@@ -26,6 +26,7 @@ from . import communication as comm
 from . import memory, pipeline
 from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
 from .layout import Layout, Training
+from .validity import check
 from .work import ACT_BYTES, UnitWork, model_work
 
 FSDP_REDUCE_BYTES = 4
@@ -74,6 +75,8 @@ class Estimate:
             "peak_memory_gib": self.peak_memory_bytes / gib,
             "memory_capacity_gib": self.memory_capacity_bytes / gib,
             "fits": self.fits,
+            "over_capacity_gib": max(0.0, (self.peak_memory_bytes - self.memory_capacity_bytes) / gib),
+            "peak_stage": self.peak_stage,
             "micro_batches": self.micro_batches,
             "time_breakdown_s": dict(self.time_breakdown),
             "memory_breakdown_gib": {k: v / gib for k, v in self.memory_breakdown.items()},
@@ -134,29 +137,6 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
         memory_breakdown={k: v for k, v in _mem_dict(mems[peak]).items() if v},
         stage_memory_breakdown=[_mem_dict(mem) for mem in mems],
     )
-
-
-def check(graph: ModelGraph, layout: Layout, training: Training) -> None:
-    """Reject layouts that cannot run on this model, naming every factor."""
-    if graph.seq_len != training.seq_len:
-        raise ValueError(f"the model was captured at seq_len {graph.seq_len}, the training uses {training.seq_len}")
-    if training.global_batch % (layout.dp * layout.mbs):
-        raise ValueError(f"global batch {training.global_batch} is not divisible by dp({layout.dp}) x "
-                         f"micro-batch({layout.mbs}) = {layout.dp * layout.mbs}")
-    blocks = graph.blocks
-    if layout.pp * layout.vpp > len(blocks):
-        raise ValueError(f"pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} model chunks exceed "
-                         f"the {len(blocks)} blocks")
-    attn = next((b.attention for b in blocks if b.attention), None)
-    if attn is not None and attn.heads % layout.tp:
-        raise ValueError(f"tp({layout.tp}) does not divide the {attn.heads} attention heads")
-    if training.seq_len % (2 * layout.cp) and layout.cp > 1:
-        raise ValueError(f"seq_len {training.seq_len} is not divisible by 2 x cp({layout.cp}) "
-                         "(causal load balancing gives each CP rank two chunks)")
-    moe = next((b.moe for b in blocks if b.moe), None)
-    if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
-        have = f"{moe.num_experts} experts" if moe else "no experts"
-        raise ValueError(f"ep({layout.ep}) must divide the number of experts; the model has {have}")
 
 
 def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None = None) -> list[_Stage]:

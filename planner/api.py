@@ -15,7 +15,7 @@ from autoshard.planner.capture.loading import LoadedModel, load_model
 from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
 from autoshard.planner.outputs.plan import Plan, build_plan
-from autoshard.planner.search.layouts import SearchResult, search
+from autoshard.planner.search.layouts import InvalidLayout, SearchResult, search
 
 FULL_LAYOUT = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs", "recompute")
 ALTERNATIVES = 5
@@ -46,7 +46,10 @@ def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Prof
     start = time.perf_counter()
     if all(k in fixed for k in FULL_LAYOUT):
         return _estimate_only(graph, fixed, gpus, training, prof, start)
-    result = search(graph, gpus, training, prof, fixed)
+    try:
+        result = search(graph, gpus, training, prof, fixed)
+    except InvalidLayout as exc:
+        raise UserError(str(exc)) from exc
     if result.best is None:
         raise NoFitError(_no_fit_message(graph, gpus, training, prof, fixed, result))
     best = result.best
@@ -119,7 +122,10 @@ def _no_fit_message(graph: Any, gpus: int, training: Training, prof: Profile, fi
         lines.append(f"The closest, {closest.layout.to_string()}, needs {est.peak_memory_bytes / 2**30:.1f} GiB "
                      f"per GPU: {over:.1f} GiB over.")
     for factor in (2, 4, 8):
-        more = search(graph, gpus * factor, training, prof, {k: v for k, v in fixed.items() if k not in ("dp",)})
+        try:
+            more = search(graph, gpus * factor, training, prof, {k: v for k, v in fixed.items() if k != "dp"})
+        except InvalidLayout:
+            continue
         if more.best is not None:
             lines.append(f"It fits on {gpus * factor} GPUs: {more.best.layout.to_string()}.")
             break

@@ -11,6 +11,7 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from autoshard.cost_models.layout import PRECISIONS
 from autoshard.hardware_profiles import profile_names
@@ -92,14 +93,21 @@ def _run(args: argparse.Namespace) -> int:
     _write_outputs(args, result)
     print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
     if not result.predicted["fits"]:
-        over = result.predicted["peak_memory_gib"] - result.predicted["memory_capacity_gib"]
-        print(textwrap.fill(
-            f"error: this layout does not fit: {result.predicted['peak_memory_gib']:.1f} GiB per GPU against "
-            f"{result.predicted['memory_capacity_gib']:.1f} GiB ({over:.1f} GiB over). Try a higher ZeRO stage, "
-            "recompute=full, more pipeline stages or more GPUs, or leave keys out of --layout for the "
-            "planner to choose.", width=100), file=sys.stderr)
+        print(textwrap.fill("error: " + no_fit_line(result) + " Try a higher ZeRO stage, recompute=full, more "
+                            "pipeline stages or more GPUs, or leave keys out of --layout for the planner to choose.",
+                            width=100), file=sys.stderr)
         return 3
     return 0
+
+
+def no_fit_line(result: Any) -> str:
+    """How far a priced layout is from fitting: GiB per GPU over, and on which pipeline stage."""
+    pred = result.predicted
+    over = pred["peak_memory_gib"] - pred["memory_capacity_gib"]
+    stage = pred.get("peak_stage", 0)
+    where = f" on pipeline stage {stage}" if len(result.stages) > 1 else ""
+    return (f"this layout does not fit: {pred['peak_memory_gib']:.1f} GiB per GPU{where} against "
+            f"{pred['memory_capacity_gib']:.1f} GiB ({over:.1f} GiB over).")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
+from autoshard.cost_models.validity import layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
 from autoshard.planner.capture.model_graph import ModelGraph
@@ -100,26 +101,62 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
 
 def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
                   fixed: dict[str, Any]) -> list[tuple[int, int, int, int, int]]:
-    """(tp, cp, pp, dp, ep) under the constraints of the module docstring, `fixed` keys honoured."""
+    """(tp, cp, pp, dp, ep) under the constraints of the module docstring, `fixed` keys honoured.
+
+    Preferences (TP inside one NVLink domain) only narrow what the planner chooses itself; a degree the
+    user fixed is taken whenever the frameworks accept it. Raises InvalidLayout naming the rules broken
+    when the fixed keys leave no valid tuple."""
     blocks = len(graph.blocks)
-    attn = next((b.attention for b in graph.blocks if b.attention), None)
     moe = next((b.moe for b in graph.blocks if b.moe), None)
-    out = []
+    out, broken = [], []
     for tp in _choices("tp", divisors(gpus), fixed):
-        if tp > profile.nvlink_domain_gpus or not _tp_ok(tp, attn):
+        if "tp" not in fixed and tp > profile.nvlink_domain_gpus:
+            continue
+        if gpus % tp:
+            broken.append(f"degrees multiply to the GPUs: tp({tp}) does not divide the {gpus} GPUs")
+            continue
+        if tp_errors(graph, tp):
+            broken += tp_errors(graph, tp)
             continue
         for cp in _choices("cp", divisors(gpus // tp), fixed):
+            if (gpus // tp) % cp:
+                broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) does not divide the {gpus} GPUs")
+                continue
             if cp > 1 and training.seq_len % (2 * cp):
+                broken.append(f"context-parallel chunks: seq_len {training.seq_len} must be divisible by "
+                              f"2 x cp({cp})")
                 continue
             for pp in _choices("pp", divisors(gpus // (tp * cp)), fixed):
+                if (gpus // (tp * cp)) % pp:
+                    broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) x pp({pp}) does not divide "
+                                  f"the {gpus} GPUs")
+                    continue
                 dp = gpus // (tp * cp * pp)
-                if pp > blocks or training.global_batch % dp or ("dp" in fixed and fixed["dp"] != dp):
+                if "dp" in fixed and fixed["dp"] != dp:
+                    broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) x pp({pp}) x dp({fixed['dp']}) "
+                                  f"!= {gpus}")
+                    continue
+                if pp * fixed.get("vpp", 1) > blocks or training.global_batch % (dp * fixed.get("mbs", 1)):
+                    broken += layout_errors(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=fixed.get("vpp", 1),
+                                                          mbs=fixed.get("mbs", 1),
+                                                          schedule="interleaved_1f1b"), training)
                     continue
                 for ep in _choices("ep", divisors(dp * cp) if moe else [1], fixed):
-                    if moe is not None and moe.num_experts % ep:
+                    if ep > 1 and (moe is None or moe.num_experts % ep or (dp * cp) % ep):
+                        have = f"{moe.num_experts} experts" if moe else "no experts"
+                        broken.append(f"whole experts per rank: ep({ep}) must divide the experts ({have}) "
+                                      f"and dp x cp ({dp * cp})")
                         continue
                     out.append((tp, cp, pp, dp, ep))
+    if not out and fixed:
+        given = ",".join(f"{k}={v}" for k, v in fixed.items())
+        rules = "; ".join(dict.fromkeys(broken)) or f"tp x cp x pp must divide the {gpus} GPUs"
+        raise InvalidLayout(f"--layout {given} cannot run on {gpus} GPUs: {rules}.")
     return out
+
+
+class InvalidLayout(ValueError):
+    """The fixed layout keys break a rule the frameworks enforce (named in the message)."""
 
 
 def divisors(n: int) -> list[int]:
@@ -128,14 +165,8 @@ def divisors(n: int) -> list[int]:
 
 
 def _choices(key: str, values: list[int], fixed: dict[str, Any]) -> list[int]:
-    return [fixed[key]] if key in fixed and fixed[key] in values else ([] if key in fixed else values)
-
-
-def _tp_ok(tp: int, attn: Any) -> bool:
-    if attn is None:
-        return True
-    kv_ok = attn.kv_heads % tp == 0 or tp % attn.kv_heads == 0
-    return attn.heads % tp == 0 and kv_ok
+    """The fixed value when the user gave one (whatever the planner would have tried), else `values`."""
+    return [fixed[key]] if key in fixed else values
 
 
 def _bound_fn(graph: ModelGraph, training: Training, profile: Profile, gpus: int):

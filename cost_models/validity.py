@@ -1,0 +1,67 @@
+"""Which layouts can run: the rules the frameworks themselves enforce, each named, nothing stricter.
+
+A layout that trained in public is ground truth that it is valid, so a rule here must be one that
+Megatron-Core, torchtitan or torch.distributed really check; preferences (TP inside one NVLink domain,
+the interleaving degrees worth searching) belong to the search, never here. Each broken rule comes back
+as one sentence naming the rule and the numbers, so that an invalid layout is never reported as a
+memory problem.
+
+Rules (what each framework checks):
+- whole micro-batches: global batch = m x mbs x dp (Megatron `get_num_microbatches`, torchtitan's
+  `global_batch_size % (local_batch_size * dp)`);
+- pp x vpp model chunks of at least one block each (Megatron: layers divisible by pp x vpp, or uneven
+  first/last stages with `decoder_first/last_pipeline_num_layers`; torch pipelining: any split);
+- TP divides the query heads, and the kv heads divide TP or TP divides them (kv heads replicated: Megatron
+  needs `num_query_groups % tp == 0`, torchtitan and autoshard replicate);
+- CP: the sequence splits into 2 x cp chunks (causal load balancing, Megatron and torchtitan);
+- EP divides the experts (and dp x cp, checked by Layout itself).
+"""
+
+from __future__ import annotations
+
+from autoshard.planner.capture.model_graph import ModelGraph
+
+from .layout import Layout, Training
+
+
+def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list[str]:
+    """The rules `layout` breaks on this model and batch (empty when it can run)."""
+    out: list[str] = []
+    if training.global_batch % (layout.dp * layout.mbs):
+        out.append(f"whole micro-batches: the global batch {training.global_batch} must be a multiple of "
+                   f"dp({layout.dp}) x mbs({layout.mbs}) = {layout.dp * layout.mbs}")
+    blocks = len(graph.blocks)
+    if layout.pp * layout.vpp > blocks:
+        out.append(f"one block per model chunk: pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} "
+                   f"chunks exceed the {blocks} blocks")
+    out += tp_errors(graph, layout.tp)
+    if layout.cp > 1 and training.seq_len % (2 * layout.cp):
+        out.append(f"context-parallel chunks: seq_len {training.seq_len} must be divisible by 2 x cp({layout.cp}) "
+                   "(causal load balancing gives each CP rank two chunks)")
+    moe = next((b.moe for b in graph.blocks if b.moe), None)
+    if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
+        have = f"{moe.num_experts} experts" if moe else "no experts"
+        out.append(f"whole experts per rank: ep({layout.ep}) must divide the number of experts; the model has {have}")
+    return out
+
+
+def tp_errors(graph: ModelGraph, tp: int) -> list[str]:
+    """TP splits whole heads: tp divides the query heads; kv heads divide tp or tp divides them."""
+    attn = next((b.attention for b in graph.blocks if b.attention), None)
+    if attn is None or tp == 1:
+        return []
+    out = []
+    if attn.heads % tp:
+        out.append(f"whole attention heads per TP rank: tp({tp}) must divide the {attn.heads} query heads")
+    if attn.kv_heads % tp and tp % attn.kv_heads:
+        out.append(f"whole kv heads per TP rank: tp({tp}) and the {attn.kv_heads} kv heads must divide one another")
+    return out
+
+
+def check(graph: ModelGraph, layout: Layout, training: Training) -> None:
+    """Raise ValueError naming every rule the layout breaks."""
+    if graph.seq_len != training.seq_len:
+        raise ValueError(f"the model was captured at seq_len {graph.seq_len}, the training uses {training.seq_len}")
+    errors = layout_errors(graph, layout, training)
+    if errors:
+        raise ValueError("; ".join(errors))
