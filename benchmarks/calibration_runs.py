@@ -50,6 +50,10 @@ Rules
 3. Training. global_batch = `global_batch_sequences`, else global_batch_tokens / seq_len (skipped when
    neither gives a whole number); precision "fp8" when the text mentions FP8 / MXFP8 / Float8
    (case-insensitive), else "bf16" (a null or "mixed (16-bit)" text is recorded as an assumption).
+   b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline);
+      else by source family: Megatron-LM/Core for SC'21, Korthikanti, the Megatron-Core README, NeMo,
+      Megatron-Bridge and MegaScale; torchtitan; torch (PyTorch FSDP through Composer) for llm-foundry;
+      nanotron for the Ultra-Scale Playbook.
 4. Profile, from `hardware.gpu` and `hardware.inter_node`: GB200 -> gb200_nvl72; B200 -> b200_ib;
    H200 -> h200_ib; H800 -> h800_ib; H100 -> h100_efa when the network text says EFA, h100_roce when it
    says RoCE, else h100_ib (torchtitan's 96GB HBM2e 500 W H100 -> h100_ib with gpu_memory_gib 96);
@@ -456,7 +460,25 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
         attention = "unfused"
         notes.append("attention=unfused: Megatron-LM of 2021-22 ran scale-mask-softmax over the full score "
                      "matrix; FlashAttention (2022) came later")
-    return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision, attention=attention)
+    return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision, attention=attention,
+                    framework=_framework(entry, notes))
+
+
+_GROUP_FRAMEWORK = {
+    "megatron_sc21": "megatron", "korthikanti": "megatron", "megatron_h100_readme": "megatron",
+    "nemo_2407": "megatron", "nemo_cp": "megatron", "megatron_bridge": "megatron", "megascale": "megatron",
+    "torchtitan": "torchtitan", "llmfoundry": "torch", "ultrascale": "nanotron",
+}
+
+
+def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
+    """What ran the layout: DeepSpeed when the notes say so, else the source family's framework (rule 3b)."""
+    if "deepspeed" in str(entry.get("notes", "")).lower():
+        return "deepspeed"
+    group = entry.get("group", "")
+    if group not in _GROUP_FRAMEWORK:
+        notes.append("framework=torch: the source's framework is not known; torch-native assumed")
+    return _GROUP_FRAMEWORK.get(group, "torch")
 
 
 # --------------------------------------------------------------------------------------------- profile

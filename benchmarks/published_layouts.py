@@ -2,7 +2,8 @@
 
 Two ways a user gives a published layout, both through the public API that the `plan` command calls:
 - **full**: every key (tp, pp, vpp, cp, ep, dp, zero, mbs, recompute), with what the source leaves unstated
-  filled by benchmarks/calibration_runs.py's documented rules: `plan` only prices it;
+  filled by benchmarks/calibration_runs.py's documented rules (an unstated recompute: the lightest that fits,
+  as benchmarks/accuracy.py prices it): `plan` only prices it;
 - **stated**: only the keys the source states (its nulls left out): `plan` searches the rest.
 
 A run that trained must come out priced and fitting in both. Prints the outcome, predicted memory against
@@ -25,8 +26,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from autoshard.hardware_profiles import load_profile  # noqa: E402
 from autoshard.planner.api import plan  # noqa: E402
 from autoshard.planner.errors import UserError  # noqa: E402
+from benchmarks.accuracy import fitting_layout, graph_for  # noqa: E402
 from benchmarks.calibration_runs import CalibrationRun, load_entries, load_runs  # noqa: E402
 
 
@@ -50,7 +53,7 @@ def price(run: CalibrationRun, layout: dict[str, Any], spec_path: Path) -> dict[
     try:
         p = plan(spec_path, gpus=run.layout.gpus, profile=run.profile, global_batch=run.training.global_batch,
                  seq_len=run.training.seq_len, precision=run.training.precision, layout=layout,
-                 gpu_memory_gib=run.gpu_memory_gib)
+                 gpu_memory_gib=run.gpu_memory_gib, framework=run.training.framework)
     except UserError as exc:
         return {"outcome": f"refused (exit {exc.exit_code}): {str(exc)[:160]}", "ok": False,
                 "seconds": time.perf_counter() - start}
@@ -78,6 +81,10 @@ def main() -> None:
             spec.write_text(yaml.safe_dump({"model": run.model}))
             for mode in modes:
                 if mode == "full":
+                    # what the source leaves unstated filled by calibration_runs.py's rules, recompute as
+                    # benchmarks/accuracy.py fills it (the lightest that fits)
+                    run = fitting_layout(run, graph_for(run), load_profile(run.profile,
+                                                                           gpu_memory_gib=run.gpu_memory_gib))
                     layout = {f: getattr(run.layout, f) for f in ("tp", "pp", "vpp", "cp", "ep", "dp", "zero",
                                                                   "mbs", "recompute", "schedule",
                                                                   "sequence_parallel", "async_tp")}

@@ -48,35 +48,37 @@ def gemm_efficiency(flops_per_gemm: float, profile: Profile) -> float:
     return profile.gemm_efficiency_max * flops_per_gemm / (flops_per_gemm + profile.gemm_half_flops)
 
 
-def gemm_time(flops: float, calls: int, precision: str, profile: Profile) -> float:
+def gemm_time(flops: float, calls: int, precision: str, profile: Profile, kernel_efficiency: float = 1.0) -> float:
     if flops <= 0:
         return 0.0
-    return flops / (profile.peak_flops(precision) * gemm_efficiency(flops / calls, profile))
+    return flops / (profile.peak_flops(precision) * kernel_efficiency * gemm_efficiency(flops / calls, profile))
 
 
 def unit_compute(
     work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile,
-    ep: int = 1, attention: str = "flash",
+    ep: int = 1, attention: str = "flash", kernel_efficiency: float = 1.0,
 ) -> ComputeTime:
     """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
 
     TP splits every GEMM and the attention heads; CP splits the tokens (attention per rank sees its
     queries against all keys, so causal-balanced CP divides attention FLOPs by cp too). With EP a GPU runs
     experts/ep experts, each on the tokens routed to it from the whole EP group: the same FLOPs in fewer,
-    larger GEMMs (three per SwiGLU expert).
+    larger GEMMs (three per SwiGLU expert). `kernel_efficiency` scales GEMM and attention efficiency for the
+    framework's kernels (framework.py).
     """
+    k = kernel_efficiency
     shard = tp * cp
-    gemm_f = gemm_time(work.gemm_flops * tokens / shard, work.gemm_calls, precision, profile)
+    gemm_f = gemm_time(work.gemm_flops * tokens / shard, work.gemm_calls, precision, profile, k)
     if work.experts:
-        gemm_f += gemm_time(work.expert_flops * tokens / shard, 3 * max(1, work.experts // ep), precision, profile)
+        gemm_f += gemm_time(work.expert_flops * tokens / shard, 3 * max(1, work.experts // ep), precision, profile, k)
     if attention == "unfused":
-        attn_f = gemm_time(2 * work.attn_flops * tokens / shard, 2, "bf16", profile)
+        attn_f = gemm_time(2 * work.attn_flops * tokens / shard, 2, "bf16", profile, k)
         attn_f += UNFUSED_SCORE_PASSES * work.score_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     else:
         # one kernel per context-parallel ring step; small kernels run below peak like small GEMMs
         flops = work.attn_flops * tokens / shard
         per_kernel = flops / cp
-        eff = profile.attention_efficiency * per_kernel / (per_kernel + profile.gemm_half_flops)
+        eff = k * profile.attention_efficiency * per_kernel / (per_kernel + profile.gemm_half_flops)
         attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f

@@ -16,6 +16,7 @@ Which communication hides behind compute (COST_MODEL_NOTES.md, item 5):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from autoshard.planner.capture.model_graph import ModelGraph
 from . import communication as comm
 from . import memory, pipeline
 from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
+from .framework import Framework, get_framework
 from .layout import Layout, Training
 from .validity import check
 from .work import ACT_BYTES, UnitWork, model_work
@@ -93,26 +95,28 @@ class _Stage:
 
 def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
              split: list[int] | None = None, recompute: dict[str, str] | None = None,
-             work: list[UnitWork] | None = None) -> Estimate:
+             work: list[UnitWork] | None = None, framework: Framework | None = None) -> Estimate:
     """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`.
 
     `split`: blocks per model chunk (pp x vpp of them, chunk c on stage c mod pp); even when None.
     `recompute`: block FQN -> none|selective|full where a block differs from layout.recompute.
     `work`: model_work(graph), when the caller prices many layouts of one model.
+    `framework`: what runs it (default: the one training.framework names, with its stored coefficients).
     """
     check(graph, layout, training)
+    fw = framework or get_framework(training.framework)
     m = training.global_batch // (layout.dp * layout.mbs)
     tokens = layout.mbs * training.seq_len
     stages = assign_stages(work or model_work(graph), layout, split)
     for stage in stages:
         stage.recompute = {w.name: (recompute or {}).get(w.name, layout.recompute) for w in stage.units}
     groups = comm.layout_groups(layout)
-    parts = [_stage_time(s, layout, training, profile, groups, tokens, m) for s in stages]
+    parts = [_stage_time(s, layout, training, profile, groups, tokens, m, fw) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp)
-    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m)
+    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw)
     step = pipe + dp_exposed + opt
-    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention) for i, s in enumerate(stages)]
+    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw) for i, s in enumerate(stages)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
@@ -163,31 +167,34 @@ def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None 
 
 
 def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Profile,
-                groups: dict[str, comm.Group], tokens: float, m: int) -> dict[str, float]:
+                groups: dict[str, comm.Group], tokens: float, m: int, fw: Framework) -> dict[str, float]:
     """Seconds one micro-batch spends on this stage, by kind."""
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
     hidden = _hidden(stage)
     for w in stage.units:
         for key, value in unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
-                                    tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name]).items():
+                                    tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name],
+                                    kernel_efficiency=fw.kernel_efficiency).items():
             out[key] += value
     if layout.pp > 1:
         boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
         out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
     if layout.zero == 3:
-        exposed = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"])
+        exposed = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"], fw)
         # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
         out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
     return out
 
 
 def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
-              groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str) -> dict[str, float]:
+              groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str,
+              kernel_efficiency: float = 1.0) -> dict[str, float]:
     """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives)."""
     tp, cp, sp = layout.tp, layout.cp, layout.sp
     hidden_bytes = tokens / cp * hidden * ACT_BYTES
     t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision, recompute=recompute,
-                     profile=profile, ep=layout.ep, attention=training.attention)
+                     profile=profile, ep=layout.ep, attention=training.attention,
+                     kernel_efficiency=kernel_efficiency)
     out = {"compute": t.fwd_s + t.bwd_s - t.recompute_s, "recompute": t.recompute_s}
     tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
     if layout.async_tp and w.kind == "block":
@@ -239,20 +246,26 @@ def _stage_params(stage: _Stage, layout: Layout) -> tuple[float, float]:
 
 
 def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
-                   compute: float) -> float:
+                   compute: float, fw: Framework) -> float:
     """FSDP per micro-batch: all-gather 16-bit weights for forward and again for backward, reduce-scatter
-    fp32 gradients (ZeRO paper Sec. 7.2.2: 1.5x the DP volume); prefetched under compute."""
-    dense, expert = _stage_params(stage, layout)
+    fp32 gradients (ZeRO paper Sec. 7.2.2: 1.5x the DP volume). One gather per block (FSDP2) or per linear
+    (DeepSpeed), each paying its own ring latency: at DP in the hundreds the rings are latency-bound. Up to
+    `zero3_overlap` of the compute hides them (prefetch)."""
     t = 0.0
-    for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
-        t += 2 * comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
-        t += comm.reduce_scatter(params * FSDP_REDUCE_BYTES, group, profile)
-    hidden = min(t, compute)
-    return max(0.0, t - compute) + (profile.overlap_slowdown - 1) * hidden
+    for w in stage.units:
+        calls = w.gemm_calls if fw.zero3_gather == "linear" and w.kind == "block" else 1
+        dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
+        for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
+            if params <= 0:
+                continue
+            t += calls * 2 * comm.all_gather(params / calls * memory.WEIGHT_BYTES, group, profile)
+            t += calls * comm.reduce_scatter(params / calls * FSDP_REDUCE_BYTES, group, profile)
+    hidden = min(t, fw.zero3_overlap * compute)
+    return t - hidden + (profile.overlap_slowdown - 1) * hidden
 
 
 def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,
-                   groups: dict[str, comm.Group], m: int) -> tuple[float, float]:
+                   groups: dict[str, comm.Group], m: int, fw: Framework) -> tuple[float, float]:
     """(exposed DP communication, optimizer step) in seconds, the slowest stage's."""
     exposed, opt = 0.0, 0.0
     for stage, part in zip(stages, parts, strict=True):
@@ -261,11 +274,14 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
         t_grad = t_gather = 0.0
         if layout.zero < 3:
             for params, group in shards:
+                # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
+                nbytes = params * memory.GRAD_BYTES
+                buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
                 if layout.zero == 0:
-                    t_grad += comm.all_reduce(params * memory.GRAD_BYTES, group, profile)
+                    t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
                 else:
-                    t_grad += comm.reduce_scatter(params * memory.GRAD_BYTES, group, profile)
-                    t_gather += comm.all_gather(params * memory.WEIGHT_BYTES, group, profile)
+                    t_grad += buckets * comm.reduce_scatter(nbytes / buckets, group, profile)
+                    t_gather += buckets * comm.all_gather(params * memory.WEIGHT_BYTES / buckets, group, profile)
         # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
         # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather).
         # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
@@ -279,7 +295,7 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
 
 
 def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int, tokens: float,
-                  attention: str) -> memory.StageMemory:
+                  attention: str, fw: Framework) -> memory.StageMemory:
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
@@ -287,13 +303,14 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
     held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
-    per_mb = sum(memory.block_activations(w, recompute=stage.recompute[w.name], **kw) for w in stage.units)
+    per_mb = sum(memory.block_activations(w, recompute=stage.recompute[w.name], selective=fw.selective, **kw)
+                 for w in stage.units)
     mem.activations = held * per_mb
     full = [w for w in stage.units if stage.recompute[w.name] == "full" and w.kind == "block"]
     if full:
         mem.activations += max(memory.working_activations(w, **kw) for w in full)
     if any(w.kind == "head" for w in stage.units):
-        mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp)
+        mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp, logit_bytes=fw.logit_bytes)
     if layout.zero == 3:
         biggest = max((w.dense_params + w.expert_params / layout.ep for w in stage.units), default=0) / layout.tp
         # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads

@@ -96,12 +96,18 @@ class Training:
     attention: str = "flash"
     """Attention kernel: flash (fused, what PyTorch SDPA runs on GPUs) or unfused (scores through HBM, as
     Megatron-LM ran before FlashAttention; kept to price older published runs)."""
+    framework: str = "torch"
+    """What runs the layout (cost_models/framework.py): torch (apply_plan, the default), torchtitan,
+    megatron, deepspeed or nanotron."""
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.seq_len < 1:
             raise ValueError(f"global batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        from .framework import get_framework
+
+        object.__setattr__(self, "framework", get_framework(self.framework).name)
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 

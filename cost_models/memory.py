@@ -69,10 +69,14 @@ mask: Korthikanti et al. Sec. 4.1, the 5as^2b term), i.e. 2.5 x the 16-bit score
 
 
 def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, recompute: str,
-                      attention: str = "flash") -> float:
-    """Bytes one micro-batch leaves saved in this unit until its backward (on one GPU)."""
+                      attention: str = "flash", selective: str = "attention") -> float:
+    """Bytes one micro-batch leaves saved in this unit until its backward (on one GPU). `selective` is what
+    the framework's selective recompute keeps (framework.py): the block minus its attention core, or
+    torchtitan's op-level policy (every other matmul output and the SDPA output)."""
     if recompute == "full" and work.kind == "block":
         return work.input_bytes * tokens / cp / (tp if sp else 1)
+    if recompute == "selective" and selective == "op" and work.sac_op_bytes:
+        return work.sac_op_bytes * tokens / cp / tp
     core = work.core_bytes + (UNFUSED_SCORE_BYTES * work.score_bytes if attention == "unfused" else 0.0)
     act = work.act_bytes - work.core_bytes + (0.0 if recompute == "selective" else core)
     if tp > 1 and not sp:
@@ -88,5 +92,5 @@ def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: 
     return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none", attention=attention)
 
 
-def logits_bytes(tokens: float, vocab: int, *, tp: int, cp: int) -> float:
-    return tokens / cp * vocab / tp * LOGIT_BYTES
+def logits_bytes(tokens: float, vocab: int, *, tp: int, cp: int, logit_bytes: float = LOGIT_BYTES) -> float:
+    return tokens / cp * vocab / tp * logit_bytes

@@ -54,6 +54,9 @@ class UnitWork:
     """One query token's row of attention scores over all heads (heads x seq x 2 B): what an unfused
     kernel writes to HBM."""
     causal_attention: bool = True
+    sac_op_bytes: float = 0.0
+    """Bytes torchtitan's op-level selective AC keeps: the block input, the SDPA output with its
+    log-sum-exp, and every other matmul output in execution order (the 1st, 3rd, ...)."""
 
 
 def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
@@ -89,7 +92,30 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         moe_top_k=unit.moe.top_k if unit.moe else 0,
         kv_bytes=kv,
         score_bytes=scores,
+        sac_op_bytes=_sac_op_bytes(graph, unit),
     )
+
+
+def _sac_op_bytes(graph: ModelGraph, unit: Unit) -> float:
+    """Per token: block input + SDPA output and LSE + every other linear output. Linear widths come from the
+    structure: q, k, v (or one fused qkv), the output projection, then the MLP's column linears (width from
+    its parameters) and its row linear; a MoE block keeps its routed tokens' outputs, priced as its
+    shared/dense part only (approximation)."""
+    attn, h = unit.attention, graph.hidden
+    if unit.kind != "block" or attn is None:
+        return 0.0
+    q, kv = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
+    outs = [q, kv, kv] if len(attn.column) >= 3 else [q + 2 * kv]
+    outs.append(h)
+    attn_params = h * (q + 2 * kv) + q * h
+    mlp_params = max(0, unit.params - attn_params - (unit.moe.num_experts * unit.moe.expert_params if unit.moe else 0))
+    if unit.mlp is not None and mlp_params:
+        cols = max(1, len(unit.mlp.column))
+        ffn = mlp_params / ((cols + 1) * h)
+        outs += [ffn] * cols + [h]
+    kept = sum(outs[::2])
+    return (h + q + kept) * ACT_BYTES + attn.heads * 4
+
 
 
 def _gemm_calls(unit: Unit) -> int:

@@ -30,18 +30,20 @@ class NoFitError(UserError):
 def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Profile,
          global_batch: int | None = None, seq_len: int | None = None, micro_batch: int | None = None,
          precision: str | None = None, layout: str | dict[str, Any] | None = None,
-         gpu_memory_gib: float | None = None) -> Plan:
+         gpu_memory_gib: float | None = None, framework: str = "torch") -> Plan:
     """The best layout of `model` on `gpus` GPUs of `profile`, as a Plan.
 
     `layout` fixes some keys (a layout string or dict) and the planner chooses the rest; with every key
-    given it only estimates. Raises UserError on bad input and NoFitError when nothing fits.
+    given it only estimates. `framework` is what will run the plan (cost_models/framework.py: torch, the
+    default, is apply_plan itself; torchtitan, megatron, deepspeed, nanotron). Raises UserError on bad input
+    and NoFitError when nothing fits.
     """
     if gpus < 1:
         raise UserError(f"gpus must be a positive integer, got {gpus}")
     prof = _profile(profile, gpu_memory_gib)
     loaded = load_model(model)
     fixed = _fixed(layout, micro_batch)
-    training = _training(loaded, global_batch, seq_len, precision, fixed, gpus)
+    training = _training(loaded, global_batch, seq_len, precision, fixed, gpus, framework)
     graph = capture(loaded, 1, training.seq_len)
     start = time.perf_counter()
     if all(k in fixed for k in FULL_LAYOUT):
@@ -80,7 +82,7 @@ def _fixed(layout: str | dict[str, Any] | None, micro_batch: int | None) -> dict
 
 
 def _training(loaded: LoadedModel, global_batch: int | None, seq_len: int | None, precision: str | None,
-              fixed: dict[str, Any], gpus: int) -> Training:
+              fixed: dict[str, Any], gpus: int, framework: str = "torch") -> Training:
     spec = loaded.training
     batch = global_batch or getattr(spec, "global_batch_sequences", None)
     if batch is None:
@@ -88,7 +90,7 @@ def _training(loaded: LoadedModel, global_batch: int | None, seq_len: int | None
                         f"--global-batch {max(gpus, 8) * 4}; the model names none.")
     try:
         return Training(global_batch=batch, seq_len=seq_len or loaded.seq_len,
-                        precision=precision or getattr(spec, "precision", None) or "bf16")
+                        precision=precision or getattr(spec, "precision", None) or "bf16", framework=framework)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

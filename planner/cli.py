@@ -13,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from autoshard.cost_models.framework import FRAMEWORKS
 from autoshard.cost_models.layout import PRECISIONS
 from autoshard.hardware_profiles import profile_names
 from autoshard.planner.capture.model_graph import ModelGraph
 from autoshard.planner.errors import UserError
-from autoshard.planner.outputs.export import FRAMEWORKS
+from autoshard.planner.outputs.export import FRAMEWORKS as EXPORTERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, help="override the profile's GPU memory (e.g. 96 for H100 96GB)")
     p.add_argument("--layout", help="tp=8,pp=4,vpp=1,cp=1,ep=1,dp=2,zero=1,mbs=1,recompute=selective[,schedule=..]")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the spec's)")
+    p.add_argument("--framework", default="torch", choices=tuple(FRAMEWORKS),
+                   help="what will run the plan, for its kernels, recompute policy and collectives (default: torch, "
+                        "autoshard's own apply_plan)")
     p.add_argument("--precision", choices=PRECISIONS, help="matmul precision (default: the spec's, else bf16)")
     p.add_argument("-o", "--output", help="write the plan as YAML to this file (with --export: the exported config)")
     p.add_argument("--report", help="also draw the plan: a self-contained .html page or a .png figure")
-    p.add_argument("--export", choices=FRAMEWORKS,
+    p.add_argument("--export", choices=EXPORTERS,
                    help="write the plan as this framework's configuration to -o FILE (torchtitan TOML, Megatron-LM "
                         "arguments, DeepSpeed JSON); what it cannot express goes to stderr and the file")
     p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
@@ -89,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     with _progress(f"planning {Path(args.model).name} on {args.gpus} GPUs", args.quiet):
         result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
                       seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
-                      layout=args.layout, gpu_memory_gib=args.gpu_memory_gib)
+                      layout=args.layout, gpu_memory_gib=args.gpu_memory_gib, framework=args.framework)
     _write_outputs(args, result)
     print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
     if not result.predicted["fits"]:

@@ -128,7 +128,7 @@ class Plan:
     profile: str
     """Hardware profile name."""
     training: dict[str, Any]
-    """{global_batch (sequences), seq_len, precision}."""
+    """{global_batch (sequences), seq_len, precision, framework}."""
     layout: dict[str, Any]
     """layout_json form (tp, pp, vpp, cp, ep, dp, zero, micro_batch, recompute, schedule,
     sequence_parallel) plus async_tp."""
@@ -224,7 +224,8 @@ class Plan:
         lines = [
             f"model        {self.model['name']} ({self.model['params']:,} params, {self.model['blocks']} blocks) "
             f"on {self.gpus} GPUs, profile {self.profile}",
-            f"training     {t['global_batch']} sequences x {t['seq_len']} tokens per step, {t['precision']}",
+            f"training     {t['global_batch']} sequences x {t['seq_len']} tokens per step, {t['precision']}"
+            f", framework {t.get('framework', 'torch')}",
             f"layout       {self.layout_obj().to_string()}",
             f"step time    {p['step_time_s']:.4g} s   {p['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU   "
             f"MFU {p['mfu']:.1%}   HFU {p['hfu']:.1%}   {p['micro_batches']} micro-batches",
@@ -277,7 +278,7 @@ def build_plan(graph: ModelGraph, est: Estimate, profile: Profile, *, alternativ
                "blocks": len(graph.blocks), "seq_len": graph.seq_len},
         gpus=layout.gpus, profile=est.profile,
         training={"global_batch": est.training.global_batch, "seq_len": est.training.seq_len,
-                  "precision": est.training.precision},
+                  "precision": est.training.precision, "framework": est.training.framework},
         layout=plan_layout(layout),
         stages=_stages(graph, est, split, recompute or {}),
         sharding=sharding_for(graph, layout),

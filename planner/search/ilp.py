@@ -43,6 +43,7 @@ import pulp
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
 from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time
+from autoshard.cost_models.framework import Framework, get_framework
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
 from autoshard.hardware_profiles import Profile
@@ -77,8 +78,9 @@ class StageILP:
     """Build and solve the model above for one layout."""
 
     def __init__(self, work: list[UnitWork], layout: Layout, training: Training, profile: Profile,
-                 *, vocab: int, modes: tuple[str, ...] = RECOMPUTE) -> None:
+                 *, vocab: int, modes: tuple[str, ...] = RECOMPUTE, framework: Framework | None = None) -> None:
         self.layout, self.training, self.profile, self.modes = layout, training, profile, modes
+        self.fw = framework or get_framework(training.framework)
         self.vocab = vocab
         self.m = training.global_batch // (layout.dp * layout.mbs)
         self.tokens = layout.mbs * training.seq_len
@@ -98,13 +100,14 @@ class StageILP:
         kw = {"tokens": self.tokens, "tp": self.layout.tp, "cp": self.layout.cp, "sp": self.layout.sp,
               "attention": self.training.attention}
         time = {a: sum(self._unit_time(w, a).values()) for a in self.modes}
-        act = {a: memory.block_activations(w, recompute=a, **kw) for a in self.modes}
+        act = {a: memory.block_activations(w, recompute=a, selective=self.fw.selective, **kw) for a in self.modes}
         return _Run(blocks=blocks, time=time, act=act, states=self._states(w),
                     work=memory.working_activations(w, **kw))
 
     def _unit_time(self, w: UnitWork, mode: str) -> dict[str, float]:
         return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
-                         tokens=self.tokens, hidden=self.hidden, recompute=mode)
+                         tokens=self.tokens, hidden=self.hidden, recompute=mode,
+                         kernel_efficiency=self.fw.kernel_efficiency)
 
     def _states(self, w: UnitWork) -> float:
         """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""
@@ -125,7 +128,7 @@ class StageILP:
         held = pipeline.in_flight(stage, p, self.m, lay.vpp, lay.schedule)
         mem = sum(self._states(w) + held * memory.block_activations(w, recompute="none", **kw) for w in units)
         if any(w.kind == "head" for w in units):
-            mem += memory.logits_bytes(self.tokens, self.vocab, tp=lay.tp, cp=lay.cp)
+            mem += memory.logits_bytes(self.tokens, self.vocab, tp=lay.tp, cp=lay.cp, logit_bytes=self.fw.logit_bytes)
         if lay.zero == 3:
             # gathered weights of the running and the prefetched block and one block's fp32 gradients
             biggest = max(w.dense_params + w.expert_params / lay.ep for run in self.runs for w in run.blocks[:1])

@@ -39,3 +39,55 @@ def test_throughput_within_the_documented_band(run_id, tolerance):
           f"tokens/s/GPU ({error:+.1%})")
     assert abs(error) < tolerance
     assert est.fits  # these runs ran: the memory model must not reject them
+
+
+def _stated_and_search(run_id):
+    from autoshard.cost_models.layout import Training
+    from autoshard.hardware_profiles import load_profile
+    from autoshard.planner.search import search
+    from benchmarks.accuracy import graph_for
+    from benchmarks.published_layouts import stated_layout
+
+    run = RUNS[run_id]
+    entry = next(e for e in calibration.load_entries() if e["id"] == run_id)
+    fixed = stated_layout(entry, run)
+    profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
+    training = Training(global_batch=run.training.global_batch, seq_len=run.training.seq_len,
+                        precision=run.training.precision, attention=run.training.attention,
+                        framework=run.training.framework)
+    return search(graph_for(run), run.layout.gpus, training, profile, fixed), fixed
+
+
+@pytest.mark.parametrize("run_id", sorted(RUNS))
+def test_every_published_layout_prices_and_fits(run_id):
+    """A layout that trained in public is valid and fits: priced whole (unstated values filled by
+    calibration_runs.py, an unstated recompute the lightest that fits) and searched from the keys the
+    source states, it must come out fitting on its own GPU."""
+    from autoshard.cost_models.estimate import estimate
+    from autoshard.hardware_profiles import load_profile
+    from benchmarks.accuracy import fitting_layout, graph_for
+
+    run = RUNS[run_id]
+    graph, profile = graph_for(run), load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
+    run = fitting_layout(run, graph, profile)
+    est = estimate(graph, run.layout, run.training, profile)
+    assert est.fits, f"{run.layout.to_string()}: {est.peak_memory_bytes / 2**30:.1f} GiB on stage {est.peak_stage}"
+    result, fixed = _stated_and_search(run_id)
+    assert result.best is not None, f"stated layout {fixed} refused"
+    for key, value in fixed.items():
+        assert getattr(result.best.layout, key) == value
+
+
+@pytest.mark.parametrize("run_id", [r for r in sorted(RUNS) if RUNS[r].peak_memory_gib])
+def test_peak_memory_within_ten_percent_of_reported(run_id):
+    """Every run that reports its peak memory (torchtitan's, all FSDP2) is predicted within 10%."""
+    from autoshard.cost_models.estimate import estimate
+    from autoshard.hardware_profiles import load_profile
+    from benchmarks.accuracy import graph_for
+
+    run = RUNS[run_id]
+    est = estimate(graph_for(run), run.layout, run.training,
+                   load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib))
+    error = est.peak_memory_bytes / 2**30 / run.peak_memory_gib - 1
+    print(f"{run_id}: predicted {est.peak_memory_bytes / 2**30:.1f} GiB, reported {run.peak_memory_gib} ({error:+.1%})")
+    assert abs(error) <= 0.10

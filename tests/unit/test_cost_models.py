@@ -206,7 +206,7 @@ def test_pipeline_bubble_in_estimate(tiny):
 @pytest.mark.parametrize(("layout", "needle"), [
     (Layout(tp=8, dp=1), "heads"),
     (Layout(pp=8), "blocks"),
-    (Layout(dp=3), "divisible"),
+    (Layout(dp=3), "multiple of dp"),
     (Layout(ep=2, dp=2), "experts"),
 ])
 def test_estimate_rejects_impossible_layouts(tiny, layout, needle):

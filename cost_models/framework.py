@@ -1,0 +1,84 @@
+"""What the training framework does with a layout: the same layout runs differently on Megatron-Core + TE,
+torchtitan, DeepSpeed, nanotron, or autoshard's own `apply_plan` (torch-native, the default).
+
+Each framework is a few facts read from its code or documentation (what `recompute=selective` saves, how
+many bytes a logit costs at the loss, how ZeRO-3 gathers parameters, how gradients are bucketed), plus one
+fitted coefficient, `kernel_efficiency`: the fraction of the hardware profile's GEMM/attention efficiency its
+kernels reach (fused TE kernels = 1 by definition). It is fitted per framework on the calibration runs by
+benchmarks/accuracy.py and cross-validated leaving one source family out; `prior` is the value before any fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Framework:
+    name: str
+    description: str
+    selective: str
+    """What recompute=selective recomputes: "attention" (the attention core: Megatron's selective,
+    Korthikanti et al. Sec. 5; autoshard's transforms/ac.py) or "op" (torchtitan's op-level selective AC:
+    saves the outputs of every other matmul and of SDPA, recomputes the rest)."""
+    logit_bytes: float
+    """Bytes per logit at the loss's backward peak."""
+    zero3_gather: str
+    """ZeRO-3 parameter gathers: "block" (FSDP2 units, one per transformer block, prefetched) or "linear"
+    (DeepSpeed ZeRO-3 fetches each submodule's parameters)."""
+    zero3_overlap: float
+    """Fraction of the ZeRO-3 traffic that can hide under compute (prefetch)."""
+    dp_bucket_bytes: float
+    """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
+    kernel_efficiency: float
+    """Fitted: fraction of the profile's GEMM and attention efficiency these kernels reach."""
+    prior: float
+    source: str
+
+
+FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
+    Framework(
+        name="torch", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
+        selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
+        dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
+        source="transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
+               "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
+               "unfused, about 10% below TE (assumed until fitted)"),
+    Framework(
+        name="torchtitan", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
+        selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
+        dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
+        source="torchtitan distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
+               "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
+               "(torchtitan's cross_entropy_loss)"),
+    Framework(
+        name="megatron", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
+        selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
+        dp_bucket_bytes=2 * 40e6, kernel_efficiency=1.0, prior=1.0,
+        source="Megatron-Core: selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
+               "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
+               "of max(40M, 1M x dp) parameters; TE kernels are the efficiency reference (1 by definition)"),
+    Framework(
+        name="deepspeed", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
+        selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
+        dp_bucket_bytes=5e8, kernel_efficiency=0.90, prior=0.90,
+        source="DeepSpeed ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
+               "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
+               "5e8; overlap 0.5 assumed (prefetch is partial)"),
+    Framework(
+        name="nanotron", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
+        selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
+        dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
+        source="nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise"),
+)}
+
+
+def get_framework(name: str) -> Framework:
+    """Case-insensitive lookup; an unknown name lists the valid ones."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    aliases = {"megatronlm": "megatron", "megatroncore": "megatron", "nemo": "megatron", "autoshard": "torch",
+               "pytorch": "torch"}
+    key = aliases.get(key, key)
+    if key not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {name!r}; valid: {', '.join(FRAMEWORKS)}")
+    return FRAMEWORKS[key]
