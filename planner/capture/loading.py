@@ -30,7 +30,8 @@ HF_DEFAULT_SEQ_LEN = 4096
 
 @dataclass(kw_only=True, slots=True)
 class LoadedModel:
-    module: nn.Module
+    module: nn.Module | None
+    """The model on meta; None for a spec until capture builds it (only the blocks it measures)."""
     name: str
     example_inputs: Callable[[int, int], tuple]
     seq_len: int
@@ -133,14 +134,11 @@ def _user_inputs(path: Path, fn: Callable[[int, int], Any]) -> Callable[[int, in
 
 
 def _load_spec(path: Path) -> LoadedModel:
-    from autoshard.planner.capture.reference_model import build_reference_model
     from autoshard.planner.capture.spec import load_spec
 
     model_spec, training, warnings = load_spec(path)
-    with torch.device("meta"):
-        model = build_reference_model(model_spec)
     return LoadedModel(
-        module=model,
+        module=None,  # built by capture (planner/capture/trace.py: _spec_module), only the blocks it measures
         name=model_spec.name,
         example_inputs=token_inputs,
         seq_len=training.seq_len or model_spec.seq_len,
@@ -156,12 +154,7 @@ def with_seq_len(loaded: LoadedModel, seq_len: int) -> LoadedModel:
     are sized by it); other models are returned as they are."""
     if loaded.kind != "spec" or seq_len <= loaded.spec.seq_len:
         return loaded
-    from autoshard.planner.capture.reference_model import build_reference_model
-
-    spec = dataclasses.replace(loaded.spec, seq_len=seq_len)
-    with torch.device("meta"):
-        module = build_reference_model(spec)
-    return dataclasses.replace(loaded, module=module, spec=spec)
+    return dataclasses.replace(loaded, module=None, spec=dataclasses.replace(loaded.spec, seq_len=seq_len))
 
 
 def _load_hf(path: Path) -> LoadedModel:

@@ -231,12 +231,13 @@ class Transformer(nn.Module):
     rope_cos: Tensor
     rope_sin: Tensor
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, layer_ids: list[int] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab, spec.hidden)
         self.pos_embeddings = nn.Embedding(spec.seq_len, spec.hidden) if spec.style == "gpt" else None
-        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.layers))
+        ids = range(spec.layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in ids)
         self.norm = _norm(spec)
         self.output = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
@@ -292,6 +293,21 @@ class Transformer(nn.Module):
         return torch.stack(losses).sum() if losses else None
 
 
-def build_reference_model(spec: ModelSpec) -> Transformer:
-    """The reference transformer for `spec`, on the current default device (use meta for big models)."""
-    return Transformer(spec)
+def build_reference_model(spec: ModelSpec, layer_ids: list[int] | None = None) -> Transformer:
+    """The reference transformer for `spec`, on the current default device (use meta for big models).
+    `layer_ids` builds only those blocks (capture of a deep model: see `repeated_blocks`)."""
+    return Transformer(spec, layer_ids)
+
+
+def repeated_blocks(spec: ModelSpec) -> tuple[list[int], list[tuple[int, int]]]:
+    """(blocks to build, runs of identical blocks as (start, length)) for capturing `spec` without building
+    every block: dense and MoE blocks form the runs, and each run keeps its first, second and last block, as
+    planner/capture/repeat.py cuts a built model (building 14,848 experts only to drop most costs seconds)."""
+    runs: list[tuple[int, int]] = []
+    for i in range(spec.layers):
+        if runs and spec.is_moe_layer(runs[-1][0]) == spec.is_moe_layer(i):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    keep = [i for start, n in runs for i in sorted({start, min(start + 1, start + n - 1), start + n - 1})]
+    return keep, runs

@@ -63,6 +63,12 @@ def _runs(signatures: list[str]) -> list[tuple[int, int]]:
     return runs
 
 
+def expand_captured(g: ModelGraph, container: str, keep: list[int], runs: list[tuple[int, int]]) -> ModelGraph | None:
+    """The full ModelGraph from the capture of a model that holds only the `keep` blocks of `runs` (the
+    reference transformer of a spec is built that way: planner/capture/trace.py)."""
+    return _expand(g, container, keep, runs)
+
+
 def _expand(g: ModelGraph, container: str, keep: list[int], runs: list[tuple[int, int]]) -> ModelGraph | None:
     """The full ModelGraph from the reduced one (see the module docstring)."""
     name = {f"{container}.{j}": f"{container}.{i}" for j, i in enumerate(keep)}

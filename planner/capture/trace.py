@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autoshard.planner.capture import structure
 from autoshard.planner.capture.model_graph import ModelGraph, Unit, cuts_from_flow, edges_from_flow
-from autoshard.planner.capture.repeat import capture_repeated
+from autoshard.planner.capture.repeat import capture_repeated, expand_captured
 from autoshard.planner.errors import CaptureError
 
 METHODS = ("fx", "export", "hooks")
@@ -67,21 +67,58 @@ def capture(
     loaded = with_seq_len(loaded, seq_len)
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch ({micro_batch}) and seq_len ({seq_len}) must be positive")
-    module = to_meta(loaded.module)
-    declared = _param_bytes(module)
-    module.to(dtype)
     inputs = loaded.example_inputs(micro_batch, seq_len)
     graph = None
-    if repeat:
-        graph = capture_repeated(module, lambda mod: _capture_module(mod, inputs, methods))
+    if loaded.module is None and repeat:
+        graph, module, declared, unbuilt = _capture_spec_repeated(loaded.spec, dtype, inputs, methods)
     if graph is None:
-        graph = _capture_module(module, inputs, methods)
-    graph.params = sum(p.numel() for p in module.parameters())
+        module = to_meta(loaded.module) if loaded.module is not None else _spec_module(loaded.spec)
+        declared, unbuilt = _param_bytes(module), 0
+        module.to(dtype)
+        if repeat:
+            graph = capture_repeated(module, lambda mod: _capture_module(mod, inputs, methods))
+        if graph is None:
+            graph = _capture_module(module, inputs, methods)
+    built = sum(p.numel() for p in module.parameters())
+    graph.params = built + unbuilt  # blocks never built: their repeated units carry their parameters
+    declared = {k: round(v * graph.params / built) for k, v in declared.items()}
     graph.tied = _tied(module)
     graph.name, graph.micro_batch, graph.seq_len, graph.dtype = loaded.name, micro_batch, seq_len, str(dtype)
     graph.param_bytes = declared
     graph.warnings = list(loaded.warnings) + graph.warnings
     return graph
+
+
+def _spec_module(spec: Any, layer_ids: list[int] | None = None) -> nn.Module:
+    """autoshard's reference transformer for a spec, built on meta (ours: no copy needed)."""
+    from autoshard.planner.capture.reference_model import build_reference_model
+
+    with torch.device("meta"):
+        return build_reference_model(spec, layer_ids)
+
+
+def _capture_spec_repeated(spec: Any, dtype: torch.dtype, inputs: tuple,
+                           methods: Sequence[str]) -> tuple[ModelGraph | None, nn.Module, dict[str, int], int]:
+    """A spec model with only the blocks repeat.py would keep built, captured and expanded to every block:
+    (graph, the built module, its declared parameter bytes, parameters of the blocks never built); graph
+    None when there is nothing to save or the flow is irregular (the caller then builds the whole model)."""
+    from autoshard.planner.capture.reference_model import repeated_blocks
+
+    keep, runs = repeated_blocks(spec)
+    if len(keep) == spec.layers:
+        return None, nn.Module(), {}, 0
+    module = _spec_module(spec, keep)
+    declared = _param_bytes(module)
+    module.to(dtype)
+    try:
+        graph = expand_captured(_capture_module(module, inputs, methods), "layers", keep, runs)
+    except Exception:  # noqa: BLE001 - the whole model is captured instead
+        graph = None
+    if graph is None:
+        return None, module, declared, 0
+    built = {f"layers.{i}" for i in keep}
+    unbuilt = sum(u.params for u in graph.units if u.kind == "block" and u.name not in built)
+    return graph, module, declared, unbuilt
 
 
 def to_meta(model: nn.Module) -> nn.Module:
@@ -179,6 +216,8 @@ class _Measured:
 
 
 _FN_EVENTS = {"scaled_dot_product_attention", "softmax", "topk"}
+_SPLITS = {"split", "chunk", "view", "reshape", "__getitem__", "unflatten", "split_with_sizes", "tensor_split"}
+"""How a linear's output is cut into parts (q/k/v, gate/up): recorded for fused projections (structure.py)."""
 
 
 class _Recorder(TorchFunctionMode):
@@ -199,6 +238,8 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps ids unique while the run lasts
         self.param_storages: set[int] = set()
         self.seen_storages: set[int] = set()
+        self.linear_out: dict[int, str] = {}
+        """id of a linear module's output -> the linear's FQN (to record how the output is split)."""
 
     def pre_hook(self, mod: nn.Module, args: Any) -> None:
         fqn = self.layout.fqn_of.get(id(mod))
@@ -213,8 +254,12 @@ class _Recorder(TorchFunctionMode):
             self.m.events[unit].append(structure.Event(kind="module", name=fqn, stack=tuple(self.stack), info={}))
 
     def post_hook(self, mod: nn.Module, args: Any, out: Any) -> None:
-        if self.layout.fqn_of.get(id(mod)) is not None and self.stack:
+        fqn = self.layout.fqn_of.get(id(mod))
+        if fqn is not None and self.stack:
             self.stack.pop()
+        if fqn is not None and structure.is_linear(mod) and isinstance(out, torch.Tensor):
+            self.linear_out[id(out)] = fqn
+            self.keep.append(out)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
@@ -236,7 +281,16 @@ class _Recorder(TorchFunctionMode):
             self._flow(ins, outs)
             if name in _FN_EVENTS:
                 self._event(name, args, kwargs)
+            elif name in _SPLITS and args and id(args[0]) in self.linear_out:
+                self._split_event(name, args[0], outs)
         return out
+
+    def _split_event(self, name: str, source: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        unit = self.layout.unit_of_stack(self.stack)
+        if unit is not None:
+            info = {"linear": self.linear_out[id(source)], "in_shape": tuple(source.shape),
+                    "out_shapes": [tuple(o.shape) for o in outs]}
+            self.m.events[unit].append(structure.Event(kind="fn", name=name, stack=tuple(self.stack), info=info))
 
     def _flow(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         unit = self.layout.unit_of_stack(self.stack)
