@@ -14,6 +14,8 @@ shards (transforms/init.py: seeded per parameter, so every layout starts from th
 weights). `--grads-out F` saves the whole gradients after the first step (rank 0) for equivalence tests.
 Every layout of tp (with sp), pp (with vpp and the schedule), cp, ep, dp and zero runs; `--stage-split 1,3`
 sets the blocks per pipeline chunk (the plan's split with --plan; even otherwise). Bad input exits with 2.
+`--verify` checks the sharded model against the unsharded one on one batch before training (exit 1 if they
+differ).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> int:
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.verify and not _verify(parallel, args, vocab, rank):
+        return 1
     for step in range(args.steps):
         loss = parallel.train_step(_batch(args, vocab, step))
         if rank == 0:
@@ -70,6 +74,31 @@ def main() -> int:
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
     return 0
+
+
+VERIFY_RTOL = 1e-4
+
+
+def _verify(parallel, args: argparse.Namespace, vocab: int, rank: int) -> bool:
+    """One forward and backward on a batch the training never sees, sharded and unsharded (the whole model,
+    built and seeded the same way on every rank: for models that fit one device, such as a tiny config of
+    the architecture); True when the losses agree within VERIFY_RTOL. Neither model is updated."""
+    tokens = synthetic_batch(seed=args.seed + 1, step=0, batch=args.global_batch, seq_len=args.seq_len, vocab=vocab)
+    got = parallel.train_step(tokens, update=False)
+    model, _ = _build(args)
+    reference = apply_layout(model, complete({"zero": 0, "mbs": args.micro_batch}, 1),
+                             graph=capture(model, 1, args.seq_len), seed=args.seed)
+    want = reference.train_step(tokens, update=False)
+    rel = abs(got - want) / abs(want)
+    ok = rel <= VERIFY_RTOL
+    if rank == 0:
+        print(json.dumps({"verify": "ok" if ok else "FAILED", "loss": got, "unsharded_loss": want,
+                          "relative_difference": rel}), flush=True)
+        if not ok:
+            print(f"error: --verify: the sharded model's loss {got:.6f} differs from the unsharded model's "
+                  f"{want:.6f} by {rel:.2e} relative (> {VERIFY_RTOL:g}): this layout does not compute the same "
+                  "model; please report it with the model's config", file=sys.stderr)
+    return ok
 
 
 def _layout(args: argparse.Namespace, world: int, graph) -> tuple:
@@ -104,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="a plan .yaml to run instead of --layout")
     p.add_argument("--stage-split", help="blocks per pipeline chunk (pp x vpp numbers), e.g. 1,3; even if not given")
     p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
+    p.add_argument("--verify", action="store_true",
+                   help="before training, compare one forward/backward with the unsharded model (built whole on "
+                        "every rank: use a small config of the architecture); exit 1 if the losses differ")
     return p
 
 

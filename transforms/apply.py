@@ -34,12 +34,12 @@ from autoshard.planner.errors import UserError
 from autoshard.planner.outputs.plan import Plan, fingerprint
 
 from .ac import apply_ac
-from .cp import apply_cp
+from .cp import apply_cp, check_cp
 from .dp import apply_dp, apply_dp_to_chunks
-from .ep import ExpertShards, apply_ep, merge_expert_shards
-from .init import clean_fqn, is_meta, materialize, tied_aliases
+from .ep import ExpertShards, apply_ep, check_ep, merge_expert_shards
+from .init import clean_fqn, is_meta, materialize, tied_aliases, unregrouped
 from .pp import PipelineChunk, TiedGradients, build_schedule, chunk_specs, split_from_units, split_model
-from .tp import apply_tp
+from .tp import apply_tp, check_tp
 
 BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
 """(inputs [b, s], targets [b, s]) -> (model args, model kwargs, this rank's targets). The identity for
@@ -63,9 +63,10 @@ class ParallelModel:
     experts: ExpertShards | None = None
     """This rank's experts under expert parallelism (their gradients are gathered from their owners)."""
 
-    def train_step(self, tokens: Tensor) -> float:
+    def train_step(self, tokens: Tensor, *, update: bool = True) -> float:
         """One step on this data-parallel rank's share of the global batch of token ids [B, s + 1]; returns
-        the global mean next-token loss."""
+        the global mean next-token loss. `update=False` runs forward and backward only (the gradients are
+        dropped, the weights and optimizer state unchanged): the equivalence check of train.py --verify."""
         dp = self.mesh["dp"].size() if self.mesh is not None else 1
         rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         micro = tokens.chunk(dp)[rank].to(self.device).split(self.micro_batch)
@@ -74,8 +75,14 @@ class ParallelModel:
         for mb in micro:
             loss = self._loss_backward(mb, scale=1 / len(micro))
             total += loss / len(micro)
-        self.optimizer.step()
+        self._finish(update)
         return self._mean_over_replicas(total)
+
+    def _finish(self, update: bool) -> None:
+        if update:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _mean_over_replicas(self, loss: Tensor) -> float:
         """The mean of this rank's loss over dp x cp (every cp rank's mean is over as many tokens)."""
@@ -146,6 +153,7 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     meta = is_meta(model)
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
+    check_layout(model, layout, graph=graph)
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
     elif isinstance(mesh, DeviceMesh):
@@ -175,6 +183,22 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         materialize(model, device, seed)
     return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device,
                          split_batch=split_batch, experts=experts)
+
+
+def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None:
+    """Refuse, on every rank and before any collective, a layout the model cannot take exactly: each module
+    TP or EP would shard must be a pattern they know (transforms/tp.py check_tp, transforms/ep.py check_ep);
+    a silently different model is never the result. Modules TP runs replicated instead are named in a
+    warning."""
+    try:
+        if layout.tp > 1:
+            check_tp(model, graph, tp=layout.tp, sp=layout.sp)
+        if layout.cp > 1:
+            check_cp(model, graph, cp=layout.cp)
+        if layout.ep > 1:
+            check_ep(model, graph, ep=layout.ep, replicas=layout.dp * layout.cp, zero=layout.zero)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph,
@@ -208,7 +232,7 @@ class PipelineParallelModel(ParallelModel):
     """Tied parameters' names on this rank -> their names in the unsharded model."""
     _schedules: dict[int, object] = field(default_factory=dict)
 
-    def train_step(self, tokens: Tensor) -> float:
+    def train_step(self, tokens: Tensor, *, update: bool = True) -> float:
         dp = self.mesh["dp"].size()
         local = tokens.chunk(dp)[self.mesh["dp"].get_local_rank()].to(self.device)
         args, kwargs, targets = self.split_batch(local[:, :-1], local[:, 1:])
@@ -223,7 +247,7 @@ class PipelineParallelModel(ParallelModel):
                 *((inputs,) if first else ()), **({"target": targets, "losses": losses} if last else {}))
         if self.tied is not None:
             self.tied.sum_gradients()
-        self.optimizer.step()
+        self._finish(update)
         total = torch.zeros((), device=self.device)
         if last:
             total += torch.stack([_plain(x).detach() for x in losses]).mean()
@@ -250,7 +274,7 @@ def whole_gradients(module: nn.Module) -> dict[str, Tensor]:
     grads = {}
     for name, p in module.named_parameters():
         if p.grad is not None:
-            grads[clean_fqn(name)] = _plain(p.grad).detach().cpu()
+            grads[clean_fqn(name)] = unregrouped(module, name, _plain(p.grad).detach().cpu())
     return grads
 
 

@@ -85,10 +85,10 @@ class ContextParallelAttention(TorchFunctionMode):
     """Replaces `F.scaled_dot_product_attention` on this rank's queries by attention over the keys and
     values all-gathered from the cp ranks (see the module docstring)."""
 
-    def __init__(self, *, mesh: DeviceMesh, n_rep: int) -> None:
+    def __init__(self, *, mesh: DeviceMesh, n_rep: int, window: int | None = None) -> None:
         super().__init__()
         self.group, self.cp, self.rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
-        self.n_rep = n_rep
+        self.n_rep, self.window = n_rep, window
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -112,6 +112,8 @@ class ContextParallelAttention(TorchFunctionMode):
             q_pos = cp_positions(self.rank, self.cp, seq).to(q.device)
             k_pos = torch.cat([cp_positions(r, self.cp, seq) for r in range(self.cp)]).to(q.device)
             mask = q_pos[:, None] >= k_pos[None, :]
+            if self.window is not None:  # sliding-window attention: key within the last `window` positions
+                mask &= q_pos[:, None] - k_pos[None, :] < self.window
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=enable_gqa)
 
@@ -132,8 +134,17 @@ class ContextParallelAttention(TorchFunctionMode):
                    for t in (k, v) for g in (t.view(bits[t.element_size()]).unflatten(1, (-1, self.n_rep)),))
 
 
+def sliding_window(module: nn.Module) -> int | None:
+    """The attention's sliding window, which the model passes to its attention function next to the mask
+    CP replaces: the module's `sliding_window` attribute (None on its full-attention layers: Qwen2, Gemma 2)
+    or else its config's (Mistral, Starcoder2)."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(getattr(module, "config", None), "sliding_window", None)
+
+
 def _attend_over_cp(module: nn.Module, info: AttentionInfo, mesh: DeviceMesh) -> None:
-    mode = ContextParallelAttention(mesh=mesh, n_rep=info.heads // info.kv_heads)
+    mode = ContextParallelAttention(mesh=mesh, n_rep=info.heads // info.kv_heads, window=sliding_window(module))
 
     def enter(_, args):
         mode.__enter__()
@@ -155,10 +166,9 @@ def position_keyword(model: nn.Module) -> str:
                      "parallelism must tell the model the global positions of this rank's tokens")
 
 
-def apply_cp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph) -> LoadBalancedSplit:
-    """Make every attention of `model` attend over the sequence split across the 1-D cp `mesh`; returns the
-    batch split that gives this rank its tokens and their positions (for `ParallelModel.split_batch`)."""
-    cp = mesh.size()
+def check_cp(model: nn.Module, graph: ModelGraph, *, cp: int) -> str:
+    """Every check apply_cp makes, without the mesh (transforms/apply.py runs it before any collective); the
+    keyword the model takes positions by."""
     cp_positions(0, cp, graph.seq_len)  # refuses a sequence that does not split into 2 x cp chunks
     keyword = position_keyword(model)
     attentions = [u.attention for u in graph.units if u.attention is not None]
@@ -167,7 +177,17 @@ def apply_cp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph) -> LoadBa
     for info in attentions:
         if info.core != "sdpa":
             raise ValueError(f"{info.module}: context parallelism needs attention through "
-                             f"F.scaled_dot_product_attention, this one computes it as {info.core}")
+                             f"F.scaled_dot_product_attention, this one computes it as {info.core} (Hugging Face "
+                             "models with soft-capping or eager attention); use cp=1")
+    return keyword
+
+
+def apply_cp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph) -> LoadBalancedSplit:
+    """Make every attention of `model` attend over the sequence split across the 1-D cp `mesh`; returns the
+    batch split that gives this rank its tokens and their positions (for `ParallelModel.split_batch`)."""
+    cp = mesh.size()
+    keyword = check_cp(model, graph, cp=cp)
+    for info in [u.attention for u in graph.units if u.attention is not None]:
         module = find_submodule(model, info.module)
         if module is not None:  # a pipeline chunk (transforms/pp.py) holds some of the blocks
             _attend_over_cp(module, info, mesh)

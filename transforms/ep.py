@@ -41,6 +41,7 @@ model's values and `ExpertShards.gather` can collect whole gradients by name.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from torch.distributed.fsdp import fully_shard
 from autoshard.planner.capture.model_graph import ModelGraph, MoEInfo
 
 from .dp import ShardedAdamW
-from .init import clean_fqn, find_submodule
+from .init import REGROUPED, clean_fqn, find_submodule
 
 
 class LocalExperts(nn.Module):
@@ -174,6 +175,52 @@ def expert_parallel_forward(moe: nn.Module, experts: LocalExperts, shared: list[
     return forward
 
 
+STACKED_SIGNATURE = ("hidden_states", "top_k_index", "top_k_weights")
+"""The call of stacked experts (transformers 5): out[t] = sum over slots j of top_k_weights[t, j] *
+expert_{top_k_index[t, j]}(hidden_states[t])."""
+
+
+def shard_stacked(experts: nn.Module, owned: range) -> None:
+    """Keep this rank's experts of every [experts, ...] tensor (under the same names; init.REGROUPED tells
+    the seeded init and the gradient gather which slice it is) and make the module count only them."""
+    index = torch.arange(owned.start, owned.stop)
+    for name, param in list(experts.named_parameters(recurse=False)):
+        local = param.detach()[owned.start:owned.stop].clone()
+        experts.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
+        experts.__dict__.setdefault(REGROUPED, {})[name] = (0, index, int(param.shape[0]))
+    if isinstance(getattr(experts, "num_experts", None), int):
+        experts.num_experts = len(owned)
+
+
+def stacked_expert_forward(experts: nn.Module, *, num_experts: int, owned: range,
+                           group: dist.ProcessGroup) -> Callable:
+    """The stacked experts' forward with every (token, slot) pair sent to the rank owning its expert; the
+    owner runs the module's own forward on the rows it received (each as a top-1 call with weight 1), the
+    outputs come back and are weighted and summed in the unsharded order (ascending expert per token)."""
+    original, per_rank = experts.forward, len(owned)
+
+    def forward(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        hidden = hidden_states.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # grouped by expert, so by owner rank
+        token = order // top_k_index.shape[-1]
+        counts = torch.bincount(flat, minlength=num_experts)
+        recv_counts = torch.empty_like(counts)  # [source rank, local expert] flattened
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        ep = dist.get_world_size(group)
+        send_splits = counts.view(ep, per_rank).sum(1).tolist()
+        recv_splits = recv_counts.view(ep, per_rank).sum(1).tolist()
+        rows = all_to_all_single_autograd(hidden_states.reshape(-1, hidden)[token], recv_splits, send_splits, group)
+        local = torch.arange(per_rank, device=flat.device).repeat(ep).repeat_interleave(recv_counts)
+        ones = torch.ones(len(local), 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+        out = original(rows, local[:, None], ones)
+        back = all_to_all_single_autograd(out, send_splits, recv_splits, group)
+        weighted = back * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token, weighted.to(hidden_states.dtype))
+
+    return forward
+
+
 class ExpertParallelOptimizer:
     """The dense optimizer and the experts' own stepped as one (the interface ParallelModel uses). The
     experts' one averages their gradients over the edp ranks (the all-reduce in `ShardedAdamW`, or FSDP2's
@@ -228,15 +275,26 @@ class ExpertShards:
                                    shard=self.zero == 1, lr=lr, weight_decay=weight_decay)
         return ExpertParallelOptimizer(dense, experts, expert_params=params, ep=self.ep_mesh.size())
 
+    stacked: dict[str, tuple[int, Tensor, int]] | None = None
+    """Stacked expert tensors by name: (dim, this rank's expert indices, number of experts)."""
+
     def gather(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """`grads` (whole gradients by name, this rank's experts among them) with every rank's experts
-        added: a collective over the ep ranks."""
-        mine = {n: g for n, g in grads.items() if n in self.names}
-        everyone: list[dict[str, Tensor] | None] = [None] * self.ep_mesh.size()
+        added: a collective over the ep ranks. Stacked expert tensors are assembled from every owner's slice."""
+        stacked = self.stacked or {}
+        mine = {n: (g, stacked[n][1] if n in stacked else None) for n, g in grads.items() if n in self.names}
+        everyone: list[dict | None] = [None] * self.ep_mesh.size()
         dist.all_gather_object(everyone, mine, group=self.ep_mesh.get_group())
         merged = dict(grads)
         for part in everyone:
-            merged.update(part or {})
+            for name, (g, index) in (part or {}).items():
+                if index is None:
+                    merged[name] = g
+                    continue
+                dim, _, size = stacked[name]
+                if merged.get(name) is None or merged[name].shape[dim] != size:
+                    merged[name] = g.new_zeros(size, *g.shape[1:])
+                merged[name].index_copy_(dim, index, g)
         return merged
 
 
@@ -246,7 +304,8 @@ def merge_expert_shards(parts: list[ExpertShards]) -> ExpertShards | None:
         return None
     return ExpertShards(names=frozenset().union(*(p.names for p in parts)),
                         experts=[e for p in parts for e in p.experts], ep_mesh=parts[0].ep_mesh,
-                        edp_mesh=parts[0].edp_mesh, zero=parts[0].zero)
+                        edp_mesh=parts[0].edp_mesh, zero=parts[0].zero,
+                        stacked={k: v for p in parts for k, v in (p.stacked or {}).items()})
 
 
 def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, zero: int) -> ExpertShards:
@@ -256,17 +315,28 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
     replicas = mesh.size()
     layers = [u.moe for u in graph.units if u.moe is not None]
     _check(layers, ep, replicas, zero)
+    _check_stacked_calls(model, layers)
     groups = mesh._unflatten(0, (replicas // ep, ep), ("edp", "ep"))
     ep_mesh, edp_mesh = groups["ep"], groups["edp"]
     rank = ep_mesh.get_local_rank()
     local: list[nn.Module] = []
+    stacked: dict[str, tuple[int, Tensor, int]] = {}
     for info in layers:
         if find_submodule(model, info.module) is None:  # a pipeline chunk (transforms/pp.py) holds some of the blocks
             continue
         moe = model.get_submodule(info.module)
         parent, _, attr = info.experts.rpartition(".")
         per_rank = info.num_experts // ep
-        experts = LocalExperts(model.get_submodule(info.experts), range(rank * per_rank, (rank + 1) * per_rank))
+        owned = range(rank * per_rank, (rank + 1) * per_rank)
+        if info.fused:
+            module = model.get_submodule(info.experts)
+            shard_stacked(module, owned)
+            module.forward = stacked_expert_forward(module, num_experts=info.num_experts, owned=owned,
+                                                    group=ep_mesh.get_group())
+            stacked.update({f"{info.experts}.{n}": v for n, v in module.__dict__[REGROUPED].items()})
+            local.append(module)
+            continue
+        experts = LocalExperts(model.get_submodule(info.experts), owned)
         setattr(model.get_submodule(parent), attr, experts)
         shared = [model.get_submodule(s) for s in info.shared]
         moe.forward = expert_parallel_forward(moe, experts, shared, ep_mesh.get_group())
@@ -276,7 +346,27 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
             fully_shard(expert, mesh=edp_mesh, reshard_after_forward=zero == 3)
     owned = {id(p) for m in local for p in m.parameters()}
     names = frozenset(clean_fqn(n) for n, p in model.named_parameters() if id(p) in owned)
-    return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero)
+    return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero, stacked=stacked)
+
+
+def _check_stacked_calls(model: nn.Module, layers: list[MoEInfo]) -> None:
+    """Stacked experts are dispatched through their call: refuse any other call than STACKED_SIGNATURE."""
+    for info in layers:
+        module = find_submodule(model, info.experts) if info.fused else None
+        if module is None:
+            continue
+        names = tuple(inspect.signature(module.forward).parameters)[:3]
+        if names != STACKED_SIGNATURE:
+            raise ValueError(f"{info.experts} ({type(module).__name__}) holds stacked expert tensors but is called "
+                             f"as forward{names}; expert parallelism supports stacked experts called as "
+                             f"forward{STACKED_SIGNATURE} (transformers 5) or a ModuleList of experts; use ep=1")
+
+
+def check_ep(model: nn.Module, graph: ModelGraph, *, ep: int, replicas: int, zero: int) -> None:
+    """Every check apply_ep makes, without touching the mesh (transforms/apply.py runs it before any collective)."""
+    layers = [u.moe for u in graph.units if u.moe is not None]
+    _check(layers, ep, replicas, zero)
+    _check_stacked_calls(model, layers)
 
 
 def _check(layers: list[MoEInfo], ep: int, replicas: int, zero: int) -> None:

@@ -23,6 +23,12 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 INIT_STD = 0.02
+REGROUPED = "_autoshard_regrouped"
+"""Module attribute {parameter name: (dim, index, size)}: the parameter holds the slices `index` along `dim`
+of the unsharded parameter, whose size along `dim` is `size`: a fused projection regrouped per TP rank
+(transforms/tp.py, index a permutation) or this rank's experts of stacked expert tensors (transforms/ep.py,
+a subset). The seeded init draws the unsharded value and selects; whole gradients are put back in the
+unsharded order (subsets are assembled from their owners by ExpertShards.gather)."""
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "module.", "_orig_mod.")
 """Name parts added by checkpoint_wrapper, DDP and torch.compile: not part of the model's own names."""
 
@@ -73,6 +79,35 @@ def full_value(name: str, shape: torch.Size, seed: int) -> Tensor:
     return torch.ones(shape)
 
 
+def regrouping(model: nn.Module, name: str) -> tuple[int, Tensor, int] | None:
+    """(dim, index, size) of parameter `name` if it holds selected slices of the unsharded one (REGROUPED)."""
+    owner, _, leaf = name.rpartition(".")
+    module = find_submodule(model, owner) if owner else model
+    return getattr(module, REGROUPED, {}).get(leaf) if module is not None else None
+
+
+def unsharded_shape(model: nn.Module, name: str, shape: torch.Size) -> torch.Size:
+    how = regrouping(model, name)
+    if how is None:
+        return shape
+    return torch.Size([how[2] if d == how[0] else n for d, n in enumerate(shape)])
+
+
+def regrouped(model: nn.Module, name: str, full: Tensor) -> Tensor:
+    """`full` (the unsharded value of parameter `name`) as the model holds it (REGROUPED)."""
+    how = regrouping(model, name)
+    return full if how is None else full.index_select(how[0], how[1])
+
+
+def unregrouped(model: nn.Module, name: str, value: Tensor) -> Tensor:
+    """The inverse of `regrouped` for a reordering: a whole tensor back in the unsharded order (subsets are
+    left as they are)."""
+    how = regrouping(model, name)
+    if how is None or how[1].numel() != how[2]:
+        return value
+    return torch.empty_like(value).index_copy_(how[0], how[1], value)
+
+
 def tied_aliases(tied: list[list[str]]) -> dict[str, str]:
     """Each name of a tied parameter (ModelGraph.tied) -> the name the unsharded model knows it by (its first).
     A pipeline stage may hold a tied weight under another name (the head's, on the last stage)."""
@@ -86,7 +121,8 @@ def init_parameters(model: nn.Module, seed: int, aliases: dict[str, str] | None 
     aliases = aliases or {}
     for name, p in model.named_parameters():
         clean = clean_fqn(name)
-        full = full_value(aliases.get(clean, clean), p.shape, seed).to(p.dtype)
+        shape = unsharded_shape(model, name, p.shape)
+        full = regrouped(model, name, full_value(aliases.get(clean, clean), shape, seed).to(p.dtype))
         if isinstance(p, DTensor):
             shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             p.to_local().copy_(shard.to_local())

@@ -17,17 +17,21 @@ Sequence parallelism (Korthikanti et al., arXiv:2205.05198, Sec. 4.2.2): between
 residual stream is split over the sequence (dim 1): the norms (and dropout, residual adds) run on s/tp
 tokens, each row-parallel linear reduce-scatters instead of all-reducing, and the attention, MLP and MoE
 inputs are all-gathered (the backward of each is the other collective). The stream is split where it enters
-the first block and gathered again by the head's column-parallel linear. Embeddings stay replicated, so
+the first block and gathered again after the last block (code between the blocks and the head, the final norm and the head see the whole sequence). Embeddings stay replicated, so
 models that add learned positions to the token embedding need no change.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -36,11 +40,18 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.capture.model_graph import AttentionInfo, ModelGraph, Unit
 
-from .init import find_submodule
+from .init import REGROUPED, find_submodule
 
-HEAD_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads")
+HEAD_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads", "num_attention_heads")
+WIDTH_ATTRIBUTES = ("split_size",)
+"""Widths a model may split its fused q/k/v output by (GPT-2's `split_size`): divided by tp like the heads."""
+CONFIG_HEADS = ("num_attention_heads", "num_key_value_heads")
+"""Head counts a Hugging Face attention may read from its config in forward (Phi-3): its own copy is divided."""
+SUPPORTED = ("attention: separate q/k/v linears, or one fused q/k/v linear or Conv1D split [q | k | v] or "
+             "interleaved per head group, per-head or q/k-width norms inside; MLP: column linears (or one "
+             "fused gate/up) and one row linear; MoE: a router and a ModuleList or stacked experts; norms")
 SEQ = 1
 """The sequence dimension of the [batch, seq, hidden] residual stream."""
 
@@ -66,9 +77,10 @@ class SequenceBoundary(ParallelStyle):
     """Change the hidden-state input (and optionally the output) of a module between sequence-sharded and
     replicated: `SequenceBoundary(Shard(1), Replicate())` all-gathers the input (attention, MLP, MoE),
     `SequenceBoundary(Replicate(), Shard(1))` splits it (the first block), `output=(Replicate(), Shard(1))`
-    splits a replicated output back (MoE)."""
+    splits a replicated output back (MoE), and `SequenceBoundary(output=(Shard(1), Replicate()))` gathers
+    only the output (the last block)."""
 
-    def __init__(self, src: Any, dst: Any, output: tuple[Any, Any] | None = None) -> None:
+    def __init__(self, src: Any = None, dst: Any = None, output: tuple[Any, Any] | None = None) -> None:
         super().__init__()
         self.src, self.dst, self.output = src, dst, output
 
@@ -76,7 +88,8 @@ class SequenceBoundary(ParallelStyle):
         def before(_, args, kwargs):
             return _map_hidden(args, kwargs, lambda x: _redistribute(x, device_mesh, self.src, self.dst))
 
-        module.register_forward_pre_hook(before, with_kwargs=True)
+        if self.src is not None:
+            module.register_forward_pre_hook(before, with_kwargs=True)
         if self.output is not None:
             src, dst = self.output
 
@@ -89,32 +102,173 @@ class SequenceBoundary(ParallelStyle):
         return module
 
 
-def tp_plan(graph: ModelGraph, *, sp: bool = False, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+def _out_dim(module: nn.Module) -> int:
+    """The weight's output dimension: 0 for nn.Linear ([out, in]), 1 for HF's Conv1D ([in, out])."""
+    return 0 if isinstance(module, nn.Linear) else 1
+
+
+def regroup_index(parts: list[int], tp: int) -> Tensor:
+    """Output rows of a fused projection [p0 | p1 | ...] reordered so that rank r's contiguous 1/tp holds
+    its 1/tp of every part: [p0_r | p1_r | ...] (Megatron's fused QKV layout), so that splitting the local
+    output by the local part widths gives this rank's q, k and v (or gate and up)."""
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    return torch.cat([torch.arange(start + r * (n // tp), start + (r + 1) * (n // tp))
+                      for r in range(tp) for start, n in zip(starts, parts, strict=True)])
+
+
+class Column(ColwiseParallel):
+    """ColwiseParallel for nn.Linear and HF's Conv1D; with `parts`, the output rows are regrouped per rank
+    first (`regroup_index`), and the order is recorded on the module (init.REGROUPED) so the seeded init
+    and the gathered gradients use the unsharded model's order."""
+
+    def __init__(self, *, parts: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parts = parts or []
+
+    def _partition(self, _name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        index = regroup_index(self.parts, mesh.size()) if self.parts else None
+        for name, param in list(module.named_parameters(recurse=False)):
+            dim = _out_dim(module) if name == "weight" else 0
+            if index is not None:
+                param = nn.Parameter(param.detach().index_select(dim, index), requires_grad=param.requires_grad)
+                module.__dict__.setdefault(REGROUPED, {})[name] = (dim, index, index.numel())
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Shard(dim)]),
+                                                         requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class Row(RowwiseParallel):
+    """RowwiseParallel for nn.Linear and HF's Conv1D (weight sharded over its input dimension, bias replicated)."""
+
+    def _partition(self, _name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for name, param in list(module.named_parameters(recurse=False)):
+            placement = Shard(1 - _out_dim(module)) if name == "weight" else Replicate()
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                         requires_grad=param.requires_grad))
+        if not isinstance(module, nn.Linear) and module.bias is not None:
+            # Conv1D's addmm(bias, x, W) would add the replicated bias to each rank's partial sum (tp times
+            # in the reduced output): reduce the product first, then add the bias once
+            layout = self.output_layouts
+
+            def forward(x: DTensor) -> DTensor:
+                y = torch.matmul(x, module.weight).redistribute(mesh, layout)
+                return y + module.bias
+
+            module.forward = forward
+
+    @staticmethod
+    def _output(layouts: tuple, mod: nn.Module, outputs: DTensor, device_mesh: DeviceMesh) -> Tensor:
+        # to_local() returns a view that autograd forbids modifying in place, and a model may add its
+        # residual into the output in place (Falcon: mlp_output += attention_output): hand out a copy
+        return outputs.redistribute(placements=layouts).to_local().clone()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        output = partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)
+        if self.use_local_output:
+            output = partial(self._output, self.output_layouts)
+        return distribute_module(module, device_mesh, self._partition,
+                                 partial(self._prepare_input_fn, self.input_layouts, (Shard(-1),)), output)
+
+
+class GatheredNorm(ParallelStyle):
+    """A norm over a whole projection's width (OLMo-2's q/k norms) whose input is that projection's
+    column-parallel output: all-gather the width, normalise with the replicated weight on every rank, keep
+    this rank's slice. The statistics are the unsharded ones; the backward all-gathers the output gradient,
+    so the weight's gradient is whole and equal on every rank."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate(_name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for name, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()]),
+                                                          requires_grad=param.requires_grad))
+
+        def gather(_mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            x = inputs[0]
+            whole = DTensor.from_local(x, mesh, [Shard(x.dim() - 1)], run_check=False).redistribute(mesh, [Replicate()])
+            return (whole, *inputs[1:])
+
+        def keep_slice(_mod: nn.Module, out: Tensor, mesh: DeviceMesh) -> Tensor:
+            return out.redistribute(mesh, [Shard(out.dim() - 1)]).to_local()
+
+        return distribute_module(module, device_mesh, replicate, gather, keep_slice)
+
+
+def attention_sharding(info: AttentionInfo, tp: int) -> str:
+    """"" when TP shards this attention's heads; else why it runs replicated (all heads on every tp rank,
+    correct but not memory-saving). Raises ValueError when the heads fit neither."""
+    if info.replicate:
+        return info.replicate
+    if info.heads % tp:
+        raise ValueError(f"{info.module}: {info.heads} attention heads do not divide over tp = {tp}; choose tp "
+                         f"among {[d for d in range(1, info.heads + 1) if info.heads % d == 0]}")
+    if info.kv_heads % tp:
+        if tp % info.kv_heads == 0:
+            return f"{info.kv_heads} kv heads are fewer than tp = {tp} ranks"
+        raise ValueError(f"{info.module}: {info.kv_heads} kv heads do not divide over tp = {tp}; choose tp among "
+                         f"{[d for d in range(1, info.heads + 1) if info.heads % d == 0 and info.kv_heads % d == 0]}")
+    return ""
+
+
+def _attention_plan(info: AttentionInfo, tp: int, sp: bool, stream: Any) -> dict[str, ParallelStyle]:
+    if attention_sharding(info, tp):
+        return {info.module: SequenceBoundary(Shard(SEQ), Replicate(), output=(Replicate(), Shard(SEQ)))} if sp else {}
+    plan: dict[str, ParallelStyle] = {info.column[0]: Column(parts=info.fused)} if info.fused else \
+        dict.fromkeys(info.column, Column())
+    plan.update(dict.fromkeys(info.row, Row(output_layouts=stream)))
+    # per-head norms run on this rank's heads; their replicated weight's gradient is summed over tp
+    plan.update(dict.fromkeys(info.head_norms, SequenceParallel(use_local_output=True)))
+    plan.update(dict.fromkeys(info.width_norms, GatheredNorm()))
+    if sp:
+        plan[info.module] = SequenceBoundary(Shard(SEQ), Replicate())
+    return plan
+
+
+def _mlp_plan(unit: Unit, sp: bool, stream: Any) -> dict[str, ParallelStyle]:
+    info = unit.mlp
+    if info is None:
+        return {}
+    if info.replicate:
+        return {info.module: SequenceBoundary(Shard(SEQ), Replicate(), output=(Replicate(), Shard(SEQ)))} if sp else {}
+    plan: dict[str, ParallelStyle] = {info.column[0]: Column(parts=info.fused)} if info.fused else \
+        dict.fromkeys(info.column, Column())
+    plan.update(dict.fromkeys(info.row, Row(output_layouts=stream)))
+    if sp:
+        plan[info.module] = SequenceBoundary(Shard(SEQ), Replicate())
+    return plan
+
+
+def tp_plan(graph: ModelGraph, *, tp: int = 2, sp: bool = False, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
     """FQN -> ParallelStyle for every TP-sharded module of the captured model."""
     stream = Shard(SEQ) if sp else Replicate()  # the residual stream's layout between TP regions
     plan: dict[str, ParallelStyle] = {}
+    # under SP the stream is split from the first block's input to the last block's output: whatever the
+    # model's own forward does after its blocks (GPT-2 views the hidden state with the full sequence length)
+    # sees the whole sequence, and so do the final norm and the head
     blocks = [u for u in graph.units if u.kind == "block"]
     for unit in graph.units:
         if unit.kind == "embedding" and graph.vocab and unit.params == graph.vocab * graph.hidden:
             plan[unit.name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
         elif unit.kind == "head":
-            plan[unit.name] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel
+            plan[unit.name] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel
                                               else Replicate(), use_local_output=not loss_parallel)
-        elif unit.kind == "norm" and sp:
-            plan[unit.name] = SequenceParallel(use_local_output=True)
-        for info in (unit.attention, unit.mlp):
-            if info is None:
-                continue
-            plan.update(dict.fromkeys(info.column, ColwiseParallel()))
-            plan.update(dict.fromkeys(info.row, RowwiseParallel(output_layouts=stream)))
-            if sp:
-                plan[info.module] = SequenceBoundary(Shard(SEQ), Replicate())
+        if unit.attention is not None:
+            plan.update(_attention_plan(unit.attention, tp, sp, stream))
+        plan.update(_mlp_plan(unit, sp, stream))
         if sp and unit.kind == "block":
             plan.update(dict.fromkeys(unit.norms, SequenceParallel(use_local_output=True)))
             if unit.moe is not None:
                 plan[unit.moe.module] = SequenceBoundary(Shard(SEQ), Replicate(), output=(Replicate(), Shard(SEQ)))
     if sp and blocks:
-        plan[blocks[0].name] = SequenceBoundary(Replicate(), Shard(SEQ))
+        gather = (Shard(SEQ), Replicate())
+        if len(blocks) == 1:
+            plan[blocks[0].name] = SequenceBoundary(Replicate(), Shard(SEQ), output=gather)
+        else:
+            plan[blocks[0].name] = SequenceBoundary(Replicate(), Shard(SEQ))
+            plan[blocks[-1].name] = SequenceBoundary(output=gather)
     return plan
 
 
@@ -125,17 +279,13 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     With `loss_parallel` the model returns vocabulary-sharded DTensor logits: compute the cross-entropy under
     `torch.distributed.tensor.parallel.loss_parallel()` (ParallelModel.train_step does)."""
     tp = mesh.size()
-    _check_divisible(model, graph, tp, sp)
+    full_plan = check_tp(model, graph, tp=tp, sp=sp, loss_parallel=loss_parallel, warn=False)
     for unit in graph.units:
         attn = find_submodule(model, unit.attention.module) if unit.attention is not None else None
-        if attn is None:
-            continue
-        for name in HEAD_ATTRIBUTES:
-            value = getattr(attn, name, None)
-            if isinstance(value, int):
-                setattr(attn, name, value // tp)
+        if attn is not None and not attention_sharding(unit.attention, tp):
+            _divide_heads(attn, tp)
     # a pipeline chunk (transforms/pp.py) holds some of the modules; the others are gone or parameter-free
-    plan = {fqn: style for fqn, style in tp_plan(graph, sp=sp, loss_parallel=loss_parallel).items()
+    plan = {fqn: style for fqn, style in full_plan.items()
             if (m := find_submodule(model, fqn)) is not None and any(True for _ in m.parameters())}
     parallelize_module(model, mesh, plan)
     emb = next((u.name for u in graph.units if u.kind == "embedding"), None)
@@ -147,15 +297,54 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     return model
 
 
-def _check_divisible(model: nn.Module, graph: ModelGraph, tp: int, sp: bool) -> None:
-    """Heads, kv heads, and (with SP) the sequence must divide evenly over the TP ranks."""
-    for unit in graph.units:
-        info = unit.attention
-        if info is None:
-            continue
-        for what, n in (("attention heads", info.heads), ("kv heads", info.kv_heads)):
-            if n % tp:
-                raise ValueError(f"{info.module}: {n} {what} do not divide over tp = {tp}; "
-                                 f"choose tp among {[d for d in range(1, n + 1) if n % d == 0]}")
+def _divide_heads(attn: nn.Module, tp: int) -> None:
+    """This rank's head counts (and fused-split widths) on the attention module and, if its forward reads
+    them from its config (Phi-3), on its own copy of the config."""
+    for name in HEAD_ATTRIBUTES + WIDTH_ATTRIBUTES:
+        value = getattr(attn, name, None)
+        if isinstance(value, int):
+            setattr(attn, name, value // tp)
+    config = getattr(attn, "config", None)
+    if config is not None and all(isinstance(getattr(config, k, None), int) for k in CONFIG_HEADS):
+        attn.config = copy.copy(config)
+        for name in CONFIG_HEADS:
+            setattr(attn.config, name, getattr(config, name) // tp)
+
+
+def check_tp(model: nn.Module, graph: ModelGraph, *, tp: int, sp: bool, loss_parallel: bool = True,
+             warn: bool = True) -> dict[str, ParallelStyle]:
+    """The TP plan, after checking (on every rank, before any collective) that every module holding
+    parameters is one the plan shards, or sees the same whole input on every tp rank (so its replicated
+    parameters get equal, whole gradients). Raises ValueError naming the first module that is neither;
+    warns for each attention or MLP that runs replicated."""
+    plan = tp_plan(graph, tp=tp, sp=sp, loss_parallel=loss_parallel)
     if sp and graph.seq_len % tp:
         raise ValueError(f"sequence parallelism splits the {graph.seq_len} tokens over tp = {tp}: not divisible")
+    for unit in graph.blocks:
+        for info in (unit.attention, unit.mlp):
+            why = (attention_sharding(info, tp) if isinstance(info, AttentionInfo) else info.replicate) if info else ""
+            if why and warn:
+                warnings.warn(f"tp={tp}: {info.module} runs replicated on every tp rank (correct, no memory "
+                              f"saving): {why}", stacklevel=3)
+    if sp:
+        _check_covered(model, graph, plan)
+    return plan
+
+
+def _check_covered(model: nn.Module, graph: ModelGraph, plan: dict[str, ParallelStyle]) -> None:
+    """Under SP the residual stream is split over the sequence: a module with parameters outside every
+    planned module would see 1/tp of the tokens and get 1/tp of its gradient on each rank, a silently wrong
+    update (the Mixtral bug of issue 14: experts stored as tensors were not recognised as an MoE)."""
+    for unit in graph.blocks:
+        root = find_submodule(model, unit.name)
+        if root is None:
+            continue
+        for fqn, mod in root.named_modules():
+            full = f"{unit.name}.{fqn}" if fqn else unit.name
+            if not any(True for _ in mod.parameters(recurse=False)):
+                continue
+            if not any(full == p or full.startswith(p + ".") for p in plan):
+                raise ValueError(
+                    f"{full} ({type(mod).__name__}) holds parameters that tensor parallelism with sequence "
+                    f"parallelism does not know how to run: it is neither sharded nor given the whole sequence. "
+                    f"Supported: {SUPPORTED}. Use sp=false (the residual stream stays whole) or tp=1")

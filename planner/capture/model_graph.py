@@ -33,6 +33,16 @@ class AttentionInfo:
     """Linears before the core (q, k, v projections): column-parallel under TP."""
     row: list[str]
     """Linears after the core (output projection): row-parallel under TP."""
+    fused: list[int] = field(default_factory=list)
+    """A single fused q/k/v projection whose output is [q | k | v] (GPT-2, Phi-3, Falcon): the widths of the
+    three parts, so TP gives each rank its heads of each; empty for separate projections or a fused one
+    interleaved per head group (GPT-NeoX), which plain column sharding splits into whole groups."""
+    head_norms: list[str] = field(default_factory=list)
+    """Norms over one head's width inside the attention (Qwen3's q/k norms): local per rank, weight replicated."""
+    width_norms: list[str] = field(default_factory=list)
+    """Norms over a whole projection's width (OLMo-2's q/k norms): TP runs them on the gathered width."""
+    replicate: str = ""
+    """Why TP must replicate this attention instead of sharding its heads ("" when it shards)."""
     core_fwd_flops: int = 0
     core_saved_bytes: int = 0
     """Bytes the core saved for backward as captured (a math kernel on meta keeps the s x s scores)."""
@@ -45,6 +55,10 @@ class MLPInfo:
     module: str
     column: list[str]
     row: list[str]
+    fused: list[int] = field(default_factory=list)
+    """A single fused gate/up projection (Phi-3's gate_up_proj) whose output is chunked: its part widths."""
+    replicate: str = ""
+    """Why TP must replicate this MLP instead of sharding it ("" when it shards)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,6 +74,9 @@ class MoEInfo:
     shared: list[str]
     expert_params: int
     """Parameters of one expert."""
+    fused: bool = False
+    """Experts stored as stacked tensors [experts, ...] in one module called as experts(x, top_k_index,
+    top_k_weights) (Hugging Face transformers 5) rather than a ModuleList of expert modules."""
 
 
 @dataclass(kw_only=True, slots=True)

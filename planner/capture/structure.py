@@ -103,12 +103,27 @@ def _under(fqn: str, prefix: str) -> bool:
     return fqn == prefix or fqn.startswith(prefix + ".")
 
 
+def is_linear(mod: nn.Module) -> bool:
+    """nn.Linear, or Hugging Face's Conv1D (GPT-2: the same map with its weight stored [in, out])."""
+    if isinstance(mod, nn.Linear):
+        return True
+    weight = getattr(mod, "weight", None)
+    return type(mod).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def in_out(mod: nn.Module) -> tuple[int, int]:
+    """(input, output) width of a linear module (is_linear)."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    return int(mod.weight.shape[0]), int(mod.weight.shape[1])
+
+
 def _linears(model: nn.Module, block: str, events: list[Event]) -> list[str]:
     """Linear modules of the block in the order they ran."""
     seen: list[str] = []
     for e in events:
         if e.kind == "module" and e.name not in seen and _under(e.name, block):
-            if isinstance(model.get_submodule(e.name), nn.Linear):
+            if is_linear(model.get_submodule(e.name)):
                 seen.append(e.name)
     return seen
 
@@ -131,9 +146,59 @@ def attention_info(model: nn.Module, block: str, events: list[Event], linears: l
         column = [n for n in inside if n in before]
         row = [n for n in inside if n not in before]
         kv_heads = _kv_heads_from_linears(model, column, heads, head_dim) or kv_heads
-        return AttentionInfo(module=module, core=core, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        info = AttentionInfo(module=module, core=core, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                              column=column, row=row)
+        _attention_layout(model, info, events)
+        return info
     return None
+
+
+def _attention_layout(model: nn.Module, info: AttentionInfo, events: list[Event]) -> None:
+    """How TP may split this attention: the q/k/v layout of its projections and the norms inside it; sets
+    `info.replicate` to the reason when the pattern is not one autoshard knows to shard exactly."""
+    h, kv, d = info.heads * info.head_dim, info.kv_heads * info.head_dim, info.head_dim
+    widths = [in_out(model.get_submodule(n))[1] for n in info.column]
+    if len(info.row) != 1 or in_out(model.get_submodule(info.row[0]))[0] != h:
+        info.replicate = f"expected one output projection reading heads x head_dim = {h}, found {info.row}"
+    elif len(widths) == 3 and widths[0] == h and widths[1:] == [kv, kv]:
+        pass  # separate q, k, v projections
+    elif len(widths) == 1 and widths[0] == h + 2 * kv:
+        info.fused, info.replicate = _fused_qkv(info.column[0], [h, kv, kv], d, info.heads // info.kv_heads, events)
+    else:
+        info.replicate = f"projections {info.column} of widths {widths} are not q, k, v of {h}, {kv}, {kv} or one fused"
+    if info.replicate:
+        return
+    taken = info.column + info.row
+    for fqn, mod in model.get_submodule(info.module).named_modules():
+        full = _join(info.module, fqn)
+        if any(_under(full, t) for t in taken) or not any(True for _ in mod.parameters(recurse=False)):
+            continue
+        size = sum(p.numel() for p in mod.parameters(recurse=False))
+        is_norm = "norm" in type(mod).__name__.lower()
+        if is_norm and size == d:
+            info.head_norms.append(full)
+        elif is_norm and size in (h, kv) and not info.fused:
+            info.width_norms.append(full)
+        else:
+            info.replicate = f"{full} ({type(mod).__name__}, {size} parameters) is not a per-head or q/k norm"
+            return
+
+
+def _fused_qkv(linear: str, parts: list[int], d: int, group: int, events: list[Event]) -> tuple[list[int], str]:
+    """(part widths, "") for a fused projection split into [q | k | v]; ([], "") for one interleaved per head
+    group ([q heads of the group, k, v] repeated, GPT-NeoX), which contiguous column sharding cuts into whole
+    groups; ([], reason) when the recorded forward does not show which."""
+    split = next((e for e in events if e.kind == "fn" and e.info.get("linear") == linear), None)
+    if split is None:
+        return [], f"the forward never splits the output of the fused projection {linear}"
+    last = split.info["out_shapes"][0][-1] if split.info["out_shapes"] else 0
+    if split.name in ("view", "reshape", "unflatten"):
+        if last == d:
+            return parts, ""  # [heads of q, then k, then v] x head_dim (Falcon's multi-query layout)
+        if last == (group + 2) * d:
+            return [], ""  # one group per row: [q x group, k, v] (GPT-NeoX, Falcon's new decoder)
+        return [], f"its fused projection {linear} is viewed with a last dimension of {last}"
+    return parts, ""  # split / chunk / slicing of the flat width: [q | k | v]
 
 
 def _kv_heads_from_linears(model: nn.Module, column: list[str], heads: int, head_dim: int) -> int | None:
@@ -141,7 +206,7 @@ def _kv_heads_from_linears(model: nn.Module, column: list[str], heads: int, head
 
     Separate q/k/v projections: the narrowest is one of k, v. A fused qkv projection: (heads + 2 kv) x d.
     """
-    outs = [model.get_submodule(n).out_features for n in column]
+    outs = [in_out(model.get_submodule(n))[1] for n in column]
     if not outs or not head_dim:
         return None
     if len(outs) == 1:
@@ -153,17 +218,16 @@ def _kv_heads_from_linears(model: nn.Module, column: list[str], heads: int, head
 
 def _head_dim_from_linears(model: nn.Module, linears: list[str], heads: int) -> int:
     first = model.get_submodule(linears[0]) if linears else None
-    return first.out_features // heads if isinstance(first, nn.Linear) and heads else 0
+    return in_out(first)[1] // heads if first is not None and heads else 0
 
 
 def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | None:
-    """A ModuleList of >= 2 identical modules holding linears, beside a router linear with one output per expert."""
+    """A ModuleList of >= 2 identical modules holding linears, or one module of stacked expert tensors
+    [experts, ...] (transformers 5), beside a router with one output per expert."""
     root = model.get_submodule(block)
     for fqn, mod in root.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
-            continue
-        sigs = {signature(c) for c in mod}
-        if len(sigs) != 1 or not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+        count, fused = _experts(mod)
+        if not count:
             continue
         experts = _join(block, fqn)
         parent = experts.rsplit(".", 1)[0]
@@ -172,25 +236,39 @@ def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | Non
             full = _join(parent, name)
             if full == experts:
                 continue
-            if isinstance(child, nn.Linear) and child.out_features == len(mod):
+            weight = getattr(child, "weight", None)
+            if router is None and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == count:
                 router = full
-            elif any(isinstance(m, nn.Linear) for m in child.modules()):
+            elif any(True for _ in child.parameters()):
                 shared.append(full)
         if router is None:
             continue
         top_k = next((e.info["k"] for e in events if e.kind == "fn" and e.name == "topk"
                       and e.stack and _under(e.stack[-1], parent)), 1)
-        return MoEInfo(module=parent, router=router, experts=experts, num_experts=len(mod), top_k=top_k,
-                       shared=shared, expert_params=param_count(mod[0]))
+        return MoEInfo(module=parent, router=router, experts=experts, num_experts=count, top_k=top_k,
+                       shared=shared, expert_params=param_count(mod) // count, fused=fused)
     return None
 
 
-def mlp_info(model: nn.Module, linears: list[str], hidden: int) -> MLPInfo | None:
+def _experts(mod: nn.Module) -> tuple[int, bool]:
+    """(number of experts, stacked) if `mod` holds experts: a ModuleList of >= 2 identical modules with
+    linears, or a module whose own parameters are all [experts, ...] stacks of matrices; else (0, False)."""
+    if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
+        if len({signature(c) for c in mod}) == 1 and any(is_linear(m) for m in mod[0].modules()):
+            return len(mod), False
+        return 0, False
+    own = list(mod.parameters(recurse=False))
+    if own and all(p.dim() == 3 for p in own) and len({p.shape[0] for p in own}) == 1 and own[0].shape[0] >= 2:
+        return int(own[0].shape[0]), True
+    return 0, False
+
+
+def mlp_info(model: nn.Module, linears: list[str], hidden: int, events: list[Event]) -> MLPInfo | None:
     """Dense MLP: linears reading the hidden size (column) and writing it (row), under one parent."""
     if not linears:
         return None
-    column = [n for n in linears if model.get_submodule(n).in_features == hidden]
-    row = [n for n in linears if n not in column and model.get_submodule(n).out_features == hidden]
+    column = [n for n in linears if in_out(model.get_submodule(n))[0] == hidden]
+    row = [n for n in linears if n not in column and in_out(model.get_submodule(n))[1] == hidden]
     parts = [n.split(".") for n in linears]
     common = []
     for level in zip(*parts, strict=False):
@@ -198,7 +276,31 @@ def mlp_info(model: nn.Module, linears: list[str], hidden: int) -> MLPInfo | Non
             break
         common.append(level[0])
     module = ".".join(common) if len(common) < len(parts[0]) else ".".join(parts[0][:-1])
-    return MLPInfo(module=module, column=column, row=row)
+    info = MLPInfo(module=module, column=column, row=row)
+    _mlp_layout(model, info, linears, events)
+    return info
+
+
+def _mlp_layout(model: nn.Module, info: MLPInfo, linears: list[str], events: list[Event]) -> None:
+    """Sets `info.fused` for a fused gate/up projection, or `info.replicate` when TP cannot shard it exactly:
+    every column linear must write the width the one row linear reads (gate, up), or one writes twice that
+    width and the forward chunks it."""
+    if len(info.row) != 1 or set(linears) != set(info.column + info.row):
+        info.replicate = f"expected column linears and one row linear, found {linears}"
+        return
+    inner = in_out(model.get_submodule(info.row[0]))[0]
+    widths = [in_out(model.get_submodule(n))[1] for n in info.column]
+    split = next((e for e in events if e.kind == "fn" and e.info.get("linear") in info.column), None)
+    if widths == [2 * inner] and split is not None and split.name in ("chunk", "split", "__getitem__", "split_with_sizes"):
+        info.fused = [inner, inner]
+    elif not widths or any(w != inner for w in widths):
+        info.replicate = f"column widths {widths} do not match the {inner} inputs of {info.row[0]}"
+    else:
+        for fqn, mod in model.get_submodule(info.module).named_modules():
+            full = _join(info.module, fqn)
+            if any(True for _ in mod.parameters(recurse=False)) and full not in linears:
+                info.replicate = f"{full} ({type(mod).__name__}) holds parameters beside its linears"
+                return
 
 
 def norm_modules(model: nn.Module, block: str) -> list[str]:
@@ -207,7 +309,8 @@ def norm_modules(model: nn.Module, block: str) -> list[str]:
 
 
 def block_roles(model: nn.Module, block: str, events: list[Event], hidden: int) -> dict:
-    """Attention, MLP or MoE, and norms of one block, from the block's recorded events."""
+    """Attention, MLP or MoE, and norms of one block, from the block's recorded events. The norms are the
+    residual stream's (those inside the attention are in its head_norms / width_norms, if it is sharded)."""
     linears = _linears(model, block, events)
     attn = attention_info(model, block, events, linears)
     moe = moe_info(model, block, events)
@@ -215,4 +318,8 @@ def block_roles(model: nn.Module, block: str, events: list[Event], hidden: int) 
     if moe:
         taken.append(moe.module)
     rest = [n for n in linears if not any(_under(n, t) for t in taken)]
-    return {"attention": attn, "moe": moe, "mlp": mlp_info(model, rest, hidden), "norms": norm_modules(model, block)}
+    mlp = mlp_info(model, rest, hidden, events)
+    # norms inside the attention, MLP or MoE belong to them (sharded with them, or replicated with them)
+    inner = [m.module for m in (attn, mlp, moe) if m is not None and m.module != block]
+    return {"attention": attn, "moe": moe, "mlp": mlp,
+            "norms": [n for n in norm_modules(model, block) if not any(_under(n, m) for m in inner)]}

@@ -408,7 +408,9 @@ def _unit_sharding(unit: Unit, layout: Layout, *, is_token_embedding: bool) -> d
         return {unit.name: tp("replicate", None)}
     out = dict.fromkeys(unit.norms, norm)
     for info in (unit.attention, unit.mlp):
-        if info is not None:
+        if info is not None and info.replicate:  # a pattern TP does not shard runs whole on every tp rank
+            out |= dict.fromkeys(info.column + info.row, tp("replicate", None))
+        elif info is not None:
             out |= {n: tp("colwise", 0) for n in info.column} | {n: tp("rowwise", 1) for n in info.row}
     if unit.moe is not None:
         # shared experts run on every token like a dense MLP; kept replicated here for simplicity

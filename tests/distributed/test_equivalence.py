@@ -134,9 +134,14 @@ def test_a_layout_the_model_cannot_take_is_refused():
     assert out.returncode != 0 and "found no MoE layer" in out.stderr and 'train.py", line' not in out.stderr
 
 
+def test_fewer_kv_heads_than_tp_ranks_run_the_attention_replicated(tmp):
+    """2 kv heads over tp = 4: each rank runs the whole attention (a warning says so), the MLP is sharded."""
+    check(TINY_LLAMA, "tp=4", 4, tmp)
+
+
 def test_heads_that_do_not_divide_over_tp_are_refused_on_every_rank():
-    out = launch(TINY_LLAMA, "tp=4", 4)
-    assert out.returncode != 0 and "2 kv heads do not divide over tp = 4" in out.stderr
+    out = launch(TINY_LLAMA, "tp=3", 3)
+    assert out.returncode != 0 and "4 attention heads do not divide over tp = 3" in out.stderr
     assert 'train.py", line' not in out.stderr  # torchrun's own summary may show its traceback; ours must not
 
 
