@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoshard.cost_models.estimate import estimate  # noqa: E402
+from autoshard.cost_models.framework import Framework, get_framework  # noqa: E402
 from autoshard.cost_models.layout import RECOMPUTE  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
 from autoshard.planner.capture.loading import LoadedModel, token_inputs  # noqa: E402
@@ -40,12 +41,17 @@ from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 FAMILY_KEYS = ("gemm_efficiency_max",)
+FRAMEWORK_KEY = "kernel_efficiency"
+MIN_FRAMEWORK_RUNS = 3
+"""A framework's kernel efficiency is fitted only on at least this many runs (else its prior stays);
+Megatron + TE is the reference (1 by definition), so it is never fitted."""
 GLOBAL_KEYS = ("gemm_half_flops", "attention_efficiency", "network_scale")
 BOUNDS = {
     "gemm_efficiency_max": (0.3, 0.95),
     "gemm_half_flops": (1e7, 1e11),
     "attention_efficiency": (0.2, 0.9),
     "network_scale": (0.2, 1.5),
+    "kernel_efficiency": (0.5, 1.2),
 }
 """network_scale multiplies each profile's own scale-out efficiency (EFA starts lower than InfiniBand)."""
 
@@ -104,9 +110,16 @@ def with_coefficients(profile: Profile, coeffs: dict[str, float]) -> Profile:
     return profile.replace(**changes)
 
 
+def framework_of(case: Case, coeffs: dict[str, float]) -> Framework:
+    fw = get_framework(case.run.training.framework)
+    key = f"fw:{fw.name}:{FRAMEWORK_KEY}"
+    return dataclasses.replace(fw, kernel_efficiency=coeffs[key]) if key in coeffs else fw
+
+
 def predict(case: Case, coeffs: dict[str, float]) -> tuple[float, float]:
     """(tokens/s/GPU, peak memory GiB) predicted for the run's own layout."""
-    est = estimate(case.graph, case.run.layout, case.run.training, with_coefficients(case.profile, coeffs))
+    est = estimate(case.graph, case.run.layout, case.run.training, with_coefficients(case.profile, coeffs),
+                   framework=framework_of(case, coeffs))
     return est.tokens_per_sec_per_gpu, est.peak_memory_bytes / 2**30
 
 
@@ -120,6 +133,11 @@ def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int
     coeffs = dict(start)
     families = {c.profile.family for c in cases}
     keys = [f"{f}:{k}" for f in sorted(families) for k in FAMILY_KEYS] + list(GLOBAL_KEYS)
+    runs_per_fw: dict[str, int] = {}
+    for c in cases:
+        runs_per_fw[c.run.training.framework] = runs_per_fw.get(c.run.training.framework, 0) + 1
+    keys += [f"fw:{f}:{FRAMEWORK_KEY}" for f, n in sorted(runs_per_fw.items())
+             if n >= MIN_FRAMEWORK_RUNS and f != "megatron"]
 
     def loss(cf: dict[str, float]) -> float:
         return statistics.fmean(abs(log_error(c, cf)) for c in cases)
@@ -157,6 +175,8 @@ def initial(cases: list[Case]) -> dict[str, float]:
             start.setdefault(f"{c.profile.family}:{k}", prior_of(c.profile, k))
         for k in GLOBAL_KEYS:
             start.setdefault(k, 1.0 if k == "network_scale" else prior_of(c.profile, k))
+        fw = get_framework(c.run.training.framework)
+        start.setdefault(f"fw:{fw.name}:{FRAMEWORK_KEY}", fw.prior)
     return start
 
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoshard.cost_models.estimate import Estimate, estimate  # noqa: E402
 from autoshard.cost_models.layout import Layout  # noqa: E402
+from autoshard.cost_models.validity import tp_errors  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
 from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
 from autoshard.planner.search.layouts import (  # noqa: E402
@@ -42,7 +43,6 @@ from autoshard.planner.search.layouts import (  # noqa: E402
     ZERO_ORDER,
     Candidate,
     SearchResult,
-    _tp_ok,
     search,
 )
 from benchmarks.accuracy import fitting_layout, graph_for  # noqa: E402
@@ -120,7 +120,7 @@ def outside_space(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> l
     out = []
     if lay.tp > profile.nvlink_domain_gpus:
         out.append(f"tp {lay.tp} > NVLink domain {profile.nvlink_domain_gpus}")
-    if not _tp_ok(lay.tp, attn):
+    if attn is not None and tp_errors(graph, lay.tp):
         out.append(f"tp {lay.tp} vs {attn.heads} heads / {attn.kv_heads} kv heads")
     if lay.zero not in ZERO_ORDER:
         out.append(f"ZeRO-{lay.zero} (search tries {', '.join(map(str, ZERO_ORDER))})")

@@ -2,9 +2,10 @@
 
 Ring algorithms, as nccl-tests PERFORMANCE.md defines bus bandwidth (S = bytes per rank's full buffer,
 n = ranks, B = bus bandwidth, a = per-step latency):
-    all-reduce              2 (n-1)/n * S / B + 2 (n-1) a
-    all-gather, reduce-scatter (n-1)/n * S / B + (n-1) a
-    all-to-all              (n-1)/n * S / B + (n-1) a        (pairwise exchange)
+    all-reduce              2 (n-1)/n * S / B + 2 a_ring
+    all-gather, reduce-scatter (n-1)/n * S / B + a_ring
+    all-to-all              (n-1)/n * S / B + a_ring         (pairwise exchange)
+with a_ring = (n - d) a_nvlink + (d - 1) a_network over the d NVLink domains the ring spans (NCCL's model).
     point-to-point          S / B + a
 Ranks are ordered TP innermost, then CP, then DP (EP groups inside DP x CP), PP outermost (Megatron-LM and
 torchtitan's default). A group is (size, stride) in that order. Within one NVLink domain B is the NVLink
@@ -82,9 +83,23 @@ def p2p(nbytes: float, group: Group, profile: Profile) -> float:
     return nbytes / bw + lat
 
 
+def domains(group: Group, profile: Profile) -> int:
+    """NVLink domains (nodes) the group spans, placed by the rank order."""
+    domain = profile.nvlink_domain_gpus
+    if group.size * group.stride <= domain:
+        return 1
+    per_domain = max(1, min(group.size, domain // group.stride)) if group.stride < domain else 1
+    return max(1, group.size // per_domain)
+
+
 def _ring(nbytes: float, group: Group, profile: Profile) -> float:
+    """Ring time: bandwidth over the slowest tier, plus the latency of its n-1 steps, of which d-1 cross the
+    network (d domains spanned) and the rest NVLink: NCCL's own ring model (src/graph/tuning.cc: nsteps =
+    nRanks-1, nInterSteps = nNodes-1, latency = (nsteps - nInterSteps) x intraLat + nInterSteps x interLat)."""
     n = group.size
     if n <= 1 or nbytes <= 0:
         return 0.0
-    bw, lat = link(group, profile)
-    return (n - 1) / n * nbytes / bw + (n - 1) * lat
+    bw, _ = link(group, profile)
+    d = domains(group, profile)
+    lat = (n - d) * profile.intra_node_latency_s + (d - 1) * profile.inter_node_latency_s
+    return (n - 1) / n * nbytes / bw + lat

@@ -56,7 +56,7 @@ def gemm_time(flops: float, calls: int, precision: str, profile: Profile, kernel
 
 def unit_compute(
     work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile,
-    ep: int = 1, attention: str = "flash", kernel_efficiency: float = 1.0,
+    ep: int = 1, attention: str = "flash", kernel_efficiency: float = 1.0, cp_comm: str = "ring",
 ) -> ComputeTime:
     """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
 
@@ -64,7 +64,7 @@ def unit_compute(
     queries against all keys, so causal-balanced CP divides attention FLOPs by cp too). With EP a GPU runs
     experts/ep experts, each on the tokens routed to it from the whole EP group: the same FLOPs in fewer,
     larger GEMMs (three per SwiGLU expert). `kernel_efficiency` scales GEMM and attention efficiency for the
-    framework's kernels (framework.py).
+    framework's kernels and `cp_comm` says how its context-parallel attention runs (framework.py).
     """
     k = kernel_efficiency
     shard = tp * cp
@@ -75,9 +75,12 @@ def unit_compute(
         attn_f = gemm_time(2 * work.attn_flops * tokens / shard, 2, "bf16", profile, k)
         attn_f += UNFUSED_SCORE_PASSES * work.score_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     else:
-        # one kernel per context-parallel ring step; small kernels run below peak like small GEMMs
+        # one kernel per context-parallel ring step (or per gathered chunk); small kernels run below peak like
+        # small GEMMs. A masked kernel over all gathered keys skips no causal work: twice the FLOPs, one kernel.
         flops = work.attn_flops * tokens / shard
         per_kernel = flops / cp
+        if cp > 1 and cp_comm == "allgather_masked":
+            flops, per_kernel = 2 * flops, 2 * flops
         eff = k * profile.attention_efficiency * per_kernel / (per_kernel + profile.gemm_half_flops)
         attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s

@@ -174,7 +174,7 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     for w in stage.units:
         for key, value in unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
                                     tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name],
-                                    kernel_efficiency=fw.kernel_efficiency).items():
+                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm).items():
             out[key] += value
     if layout.pp > 1:
         boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
@@ -188,13 +188,13 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
 
 def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
               groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str,
-              kernel_efficiency: float = 1.0) -> dict[str, float]:
+              kernel_efficiency: float = 1.0, cp_comm: str = "ring") -> dict[str, float]:
     """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives)."""
     tp, cp, sp = layout.tp, layout.cp, layout.sp
     hidden_bytes = tokens / cp * hidden * ACT_BYTES
     t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision, recompute=recompute,
                      profile=profile, ep=layout.ep, attention=training.attention,
-                     kernel_efficiency=kernel_efficiency)
+                     kernel_efficiency=kernel_efficiency, cp_comm=cp_comm)
     out = {"compute": t.fwd_s + t.bwd_s - t.recompute_s, "recompute": t.recompute_s}
     tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
     if layout.async_tp and w.kind == "block":
@@ -209,11 +209,26 @@ def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profi
         out["ep_comm"] = 4 * comm.all_to_all(sent, groups["ep"], profile)
     out["cp_exposed"] = 0.0
     if w.kv_bytes and cp > 1:
-        # ring attention: cp-1 steps of the local keys/values forward, keys/values and their grads back
-        kv = tokens / cp * w.kv_bytes / tp
-        ring = (cp - 1) * comm.p2p(kv, groups["cp"], profile)
-        out["cp_exposed"] = max(0.0, ring - t.attn_fwd_s) + max(0.0, 2 * ring - ATTN_BWD_FACTOR * t.attn_fwd_s)
+        out["cp_exposed"] = _cp_exposed(w, tokens, tp, cp, cp_comm, t.attn_fwd_s, groups["cp"], profile)
     return out
+
+
+def _cp_exposed(w: UnitWork, tokens: float, tp: int, cp: int, cp_comm: str, attn_fwd_s: float,
+                group: comm.Group, profile: Profile) -> float:
+    """Context-parallel exchange left exposed, per micro-batch. Ring: cp-1 steps of the local keys/values
+    forward (keys/values and their gradients back), each hidden behind the attention of the previous block.
+    All-gather: the keys/values of all ranks gathered before attention and their gradients reduce-scattered
+    after it, neither overlapped (Llama 3 Sec. 3.3.2; transforms/cp.py keeps the gathered keys/values)."""
+    if cp_comm == "ring":
+        kv = tokens / cp * w.kv_bytes / tp
+        ring = (cp - 1) * comm.p2p(kv, group, profile)
+        out = 0.0
+        for traffic, compute in ((ring, attn_fwd_s), (2 * ring, ATTN_BWD_FACTOR * attn_fwd_s)):
+            # what hides still slows the attention it overlaps (NCCL's kernels take SMs: COST_MODEL_NOTES 6)
+            out += max(0.0, traffic - compute) + (profile.overlap_slowdown - 1) * min(traffic, compute)
+        return out
+    gathered = tokens * w.kv_bytes / tp
+    return comm.all_gather(gathered, group, profile) + comm.reduce_scatter(gathered, group, profile)
 
 
 def _hidden(stage: _Stage) -> int:
@@ -287,8 +302,10 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
         # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
         last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
         reductions = m if layout.zero == 2 else 1
-        grad_exposed = reductions * max(0.0, t_grad - last_backward)
-        exposed = max(exposed, grad_exposed + max(0.0, t_gather - first_forward))
+        slow = profile.overlap_slowdown - 1  # the compute a collective hides behind runs this much slower
+        grad_exposed = reductions * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
+        gather_exposed = max(0.0, t_gather - first_forward) + slow * min(t_gather, first_forward)
+        exposed = max(exposed, grad_exposed + gather_exposed)
         sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
         opt = max(opt, optimizer_time(sharded, profile))
     return exposed, opt
@@ -305,6 +322,10 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
     per_mb = sum(memory.block_activations(w, recompute=stage.recompute[w.name], selective=fw.selective, **kw)
                  for w in stage.units)
+    if layout.cp > 1 and fw.cp_comm != "ring":
+        # all-gather CP keeps every block's gathered keys/values (beyond its own chunk) for the backward
+        per_mb += sum(w.kv_bytes for w in stage.units if stage.recompute[w.name] != "full") * tokens / layout.tp \
+            * (1 - 1 / layout.cp)
     mem.activations = held * per_mb
     full = [w for w in stage.units if stage.recompute[w.name] == "full" and w.kind == "block"]
     if full:

@@ -30,6 +30,12 @@ class Framework:
     """Fraction of the ZeRO-3 traffic that can hide under compute (prefetch)."""
     dp_bucket_bytes: float
     """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
+    cp_comm: str
+    """How context-parallel attention runs: "ring" (keys/values passed round the cp ranks while the previous
+    block computes, one causal flash kernel per step: TE's p2p CP), "allgather" (keys/values all-gathered
+    before attention, not overlapped, one causal kernel per chunk: torch's context_parallel default rotate
+    method, Llama 3) or "allgather_masked" (autoshard's transforms/cp.py: all-gathered keys/values and one
+    SDPA call with an explicit mask over every key, so causality skips no work)."""
     kernel_efficiency: float
     """Fitted: fraction of the profile's GEMM and attention efficiency these kernels reach."""
     prior: float
@@ -38,35 +44,35 @@ class Framework:
 
 FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
-        name="torch", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
+        name="torch", cp_comm="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
         source="transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
                "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
                "unfused, about 10% below TE (assumed until fitted)"),
     Framework(
-        name="torchtitan", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
+        name="torchtitan", cp_comm="allgather", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
         selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
         source="torchtitan distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
                "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
                "(torchtitan's cross_entropy_loss)"),
     Framework(
-        name="megatron", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
+        name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=2 * 40e6, kernel_efficiency=1.0, prior=1.0,
         source="Megatron-Core: selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
                "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
                "of max(40M, 1M x dp) parameters; TE kernels are the efficiency reference (1 by definition)"),
     Framework(
-        name="deepspeed", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
+        name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
         dp_bucket_bytes=5e8, kernel_efficiency=0.90, prior=0.90,
         source="DeepSpeed ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
                "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
                "5e8; overlap 0.5 assumed (prefetch is partial)"),
     Framework(
-        name="nanotron", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
+        name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
         source="nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise"),

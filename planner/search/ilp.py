@@ -107,7 +107,7 @@ class StageILP:
     def _unit_time(self, w: UnitWork, mode: str) -> dict[str, float]:
         return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
                          tokens=self.tokens, hidden=self.hidden, recompute=mode,
-                         kernel_efficiency=self.fw.kernel_efficiency)
+                         kernel_efficiency=self.fw.kernel_efficiency, cp_comm=self.fw.cp_comm)
 
     def _states(self, w: UnitWork) -> float:
         """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""

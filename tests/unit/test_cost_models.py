@@ -212,3 +212,45 @@ def test_pipeline_bubble_in_estimate(tiny):
 def test_estimate_rejects_impossible_layouts(tiny, layout, needle):
     with pytest.raises(ValueError, match=needle):
         estimate(tiny, layout, Training(global_batch=32, seq_len=32), PROFILE)
+
+
+def test_ring_latency_counts_network_steps_by_node():
+    """NCCL's ring model (src/graph/tuning.cc): of the n-1 steps, nNodes-1 cross the network, the rest NVLink.
+    128 ranks, 8 per node (16 nodes): 112 NVLink steps x 5 us + 15 network steps x 10 us."""
+    g = comm.layout_groups(Layout(tp=1, dp=128))["dp"]
+    nbytes = 1e9
+    expected = 127 / 128 * nbytes / 400e9 + 112 * 5e-6 + 15 * 10e-6
+    assert comm.all_gather(nbytes, g, PROFILE) == pytest.approx(expected)
+    assert comm.domains(g, PROFILE) == 16
+
+
+def test_framework_lookup_names_the_valid_ones():
+    from autoshard.cost_models.framework import get_framework
+
+    assert get_framework("Megatron-LM").name == "megatron"
+    with pytest.raises(ValueError, match="torch, torchtitan, megatron, deepspeed, nanotron"):
+        get_framework("jax")
+
+
+def test_cp_time_follows_how_the_framework_runs_it():
+    """The same cp=4 layout: TE's overlapped ring hides its exchange behind attention; all-gather CP exposes a
+    gather and a reduce-scatter; autoshard's masked all-gather kernel also computes the non-causal half."""
+    graph = capture("examples/specs/llama3_8b.yaml", 1, 32768)
+    layout = Layout(cp=4, dp=1)
+    train = {fw: Training(global_batch=4, seq_len=32768, framework=fw) for fw in ("megatron", "torchtitan", "torch")}
+    est = {fw: estimate(graph, layout, t, PROFILE) for fw, t in train.items()}
+    cp = {fw: e.time_breakdown["cp_exposed"] for fw, e in est.items()}
+    assert cp["torchtitan"] > cp["megatron"]
+    assert cp["torch"] == pytest.approx(cp["torchtitan"])
+    assert est["torch"].time_breakdown["compute"] > est["torchtitan"].time_breakdown["compute"]
+    # all-gather CP keeps the gathered keys/values: more activation memory than the ring
+    assert est["torch"].memory_breakdown["activations"] > est["megatron"].memory_breakdown["activations"]
+
+
+def test_zero3_gathers_per_linear_pay_more_latency():
+    """DeepSpeed ZeRO-3 gathers each linear's parameters (one ring latency each); FSDP2 one per block."""
+    graph = capture("examples/specs/tiny_llama.yaml", 1, 64)
+    layout = Layout(dp=256, zero=3)
+    per = {fw: estimate(graph, layout, Training(global_batch=256, seq_len=64, framework=fw), PROFILE)
+           for fw in ("torch", "deepspeed")}
+    assert per["deepspeed"].time_breakdown["zero3_exposed"] > per["torch"].time_breakdown["zero3_exposed"]
