@@ -29,7 +29,7 @@ BEGIN, END = "<!-- hf-matrix:begin -->", "<!-- hf-matrix:end -->"
 
 def is_moe(arch: str) -> bool:
     config = json.loads((ROOT / "tests" / "data" / "hf" / arch / "config.json").read_text())
-    return any(k in config for k in ("num_local_experts", "num_experts"))
+    return any(k in config for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def run(arch: str, layouts: list[str]) -> list[dict]:

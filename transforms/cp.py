@@ -136,11 +136,20 @@ class ContextParallelAttention(TorchFunctionMode):
 
 def sliding_window(module: nn.Module) -> int | None:
     """The attention's sliding window, which the model passes to its attention function next to the mask
-    CP replaces: the module's `sliding_window` attribute (None on its full-attention layers: Qwen2, Gemma 2)
-    or else its config's (Mistral, Starcoder2)."""
+    CP replaces: the module's `sliding_window` attribute (None on full-attention layers: Qwen2, Gemma 2);
+    else, from its config, the window of a layer whose `layer_types` entry is "sliding_attention" (Qwen2-MoE
+    sets no attribute on its full layers and a window of 0 in its config), or the config's window unless
+    `use_sliding_window` is off (Mistral, Starcoder2). None: full causal attention."""
     if hasattr(module, "sliding_window"):
         return module.sliding_window
-    return getattr(getattr(module, "config", None), "sliding_window", None)
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    types, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and index is not None:
+        return window if types[index] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window if isinstance(window, int) and window > 0 else None
 
 
 def _attend_over_cp(module: nn.Module, info: AttentionInfo, mesh: DeviceMesh) -> None:

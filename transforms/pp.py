@@ -159,11 +159,33 @@ def build_chunk(model: nn.Module, graph: ModelGraph, spec: ChunkSpec, *, seq_len
                           first_block=blocks[spec.blocks[0]])
     order = [u.name for u in graph.units]
     start, end = order.index(blocks[0]), order.index(blocks[-1])
+    # the _Exit module ends the container of a chunk that does not end the model: it takes an entry too
+    _slice_layer_config(model, container_name, [*spec.blocks, *([] if spec.last else spec.blocks[-1:])],
+                        n_blocks=len(blocks))
     for unit in graph.units[:start] if not spec.first else []:
         _replace(model, unit.name, _stand_in(model.get_submodule(unit.name)))
     for unit in graph.units[end + 1:] if not spec.last else []:
         _replace(model, unit.name, nn.Identity())
     return chunk
+
+
+def _slice_layer_config(model: nn.Module, container: str, kept: list[int], *, n_blocks: int) -> None:
+    """Per-layer lists in a Hugging Face config (`layer_types`: which layers use sliding-window attention),
+    which the model's forward indexes by the loop position over its layers (Gemma 2:
+    `causal_mask_mapping[self.config.layer_types[i]]`), cut to the chunk's blocks, on the modules outside
+    the blocks only (a block reads its own entry at construction). Without it, Gemma 2's second stage gave
+    its full-attention layer the sliding-window mask of layer 0: a silently different loss."""
+    shared = getattr(model, "config", None)
+    if shared is None:
+        return
+    sliced = copy.copy(shared)
+    for key, value in vars(shared).items():
+        if isinstance(value, (list, tuple)) and len(value) == n_blocks and n_blocks > 1:
+            setattr(sliced, key, type(value)(value[i] for i in kept))
+    for name, module in model.named_modules():
+        inside = name == container or name.startswith(container + ".")
+        if not inside and getattr(module, "config", None) is shared:
+            module.config = sliced
 
 
 def _stand_in(module: nn.Module) -> nn.Module:

@@ -343,7 +343,8 @@ def _check_covered(model: nn.Module, graph: ModelGraph, plan: dict[str, Parallel
             full = f"{unit.name}.{fqn}" if fqn else unit.name
             if not any(True for _ in mod.parameters(recurse=False)):
                 continue
-            if not any(full == p or full.startswith(p + ".") for p in plan):
+            # the block's own boundary (its input split or output gathered) does not cover what runs inside
+            if not any(full == p or full.startswith(p + ".") for p in plan if p != unit.name):
                 raise ValueError(
                     f"{full} ({type(mod).__name__}) holds parameters that tensor parallelism with sequence "
                     f"parallelism does not know how to run: it is neither sharded nor given the whole sequence. "

@@ -170,7 +170,7 @@ def _attention_layout(model: nn.Module, info: AttentionInfo, events: list[Event]
         return
     taken = info.column + info.row
     for fqn, mod in model.get_submodule(info.module).named_modules():
-        full = _join(info.module, fqn)
+        full = _join(info.module, fqn) if fqn else info.module
         if any(_under(full, t) for t in taken) or not any(True for _ in mod.parameters(recurse=False)):
             continue
         size = sum(p.numel() for p in mod.parameters(recurse=False))
@@ -297,7 +297,7 @@ def _mlp_layout(model: nn.Module, info: MLPInfo, linears: list[str], events: lis
         info.replicate = f"column widths {widths} do not match the {inner} inputs of {info.row[0]}"
     else:
         for fqn, mod in model.get_submodule(info.module).named_modules():
-            full = _join(info.module, fqn)
+            full = _join(info.module, fqn) if fqn else info.module
             if any(True for _ in mod.parameters(recurse=False)) and full not in linears:
                 info.replicate = f"{full} ({type(mod).__name__}) holds parameters beside its linears"
                 return

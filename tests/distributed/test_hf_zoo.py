@@ -20,6 +20,7 @@ from spawn import spawn
 pytest.importorskip("transformers")
 
 WORKER = Path(__file__).resolve().parent / "hf_zoo_worker.py"
+HF = WORKER.parents[1] / "data" / "hf"
 CASES = {
     "tiny_gpt2": ["tp=2,dp=2", "pp=2,dp=2"],          # Conv1D, fused c_attn split by split_size, tied
     "tiny_phi3": ["tp=2,dp=2"],                       # fused qkv_proj and gate_up_proj
@@ -27,9 +28,9 @@ CASES = {
     "tiny_falcon": ["tp=2,dp=2"],                     # multi-query (1 kv head < tp): attention replicated
     "tiny_olmo2": ["tp=2,dp=2", "cp=2,dp=2"],         # q/k RMSNorm over the whole projected width
     "tiny_qwen3": ["tp=2,sp=false,dp=2"],             # per-head q/k norms without SP
-    "tiny_gemma2": ["tp=2,dp=2"],                     # soft-capping, eager attention, sliding window, tied
+    "tiny_gemma2": ["tp=2,dp=2", "pp=2,dp=2"],        # soft-capping, eager attention, per-layer sliding window
     "tiny_mixtral": ["tp=2,dp=2", "ep=2,tp=2"],       # the issue's silent loss difference
-    "tiny_qwen2_moe": ["ep=2"],                       # stacked experts + shared expert and its gate
+    "tiny_qwen2_moe": ["ep=2", "cp=2,dp=2"],          # shared expert and its gate; a 0 window on full layers
     "tiny_mistral": ["cp=2,dp=2"],                    # sliding window (16 < 32 tokens) under CP
     "tiny_deepseek_v3": ["ep=2,tp=2"],                # MLA (attention replicated), shared experts, dense layer 0
 }
@@ -56,7 +57,25 @@ def test_falcon_multi_query_runs_its_attention_replicated_with_a_warning():
     from autoshard.planner.capture.trace import capture
     from autoshard.transforms.tp import attention_sharding
 
-    info = capture(WORKER.parents[1] / "data" / "hf" / "tiny_falcon", 1, 32).blocks[0].attention
+    info = capture(HF / "tiny_falcon", 1, 32).blocks[0].attention
     assert attention_sharding(info, 2) == "1 kv heads are fewer than tp = 2 ranks"
     with pytest.raises(ValueError, match="4 attention heads do not divide over tp = 3"):
         attention_sharding(info, 3)
+
+
+def test_train_py_verify_compares_the_sharded_model_with_the_unsharded_one():
+    from test_equivalence import launch
+
+    out = launch(HF / "tiny_mixtral", "tp=2,dp=2", 4, "--steps", "1", "--verify")
+    assert out.returncode == 0, out.stderr[-3000:]
+    check = json.loads(next(line for line in out.stdout.splitlines() if '"verify"' in line))
+    assert check["verify"] == "ok" and check["relative_difference"] <= 1e-4
+
+
+def test_a_layout_an_architecture_cannot_take_is_refused_before_any_collective_with_one_message():
+    from test_equivalence import launch
+
+    out = launch(HF / "tiny_gemma2", "cp=2,dp=2", 4)  # soft-capping: eager attention, no SDPA to distribute
+    assert out.returncode == 2 and 'File "' not in out.stderr, out.stderr[-3000:]
+    assert "model.layers.0.self_attn: context parallelism needs attention through F.scaled_dot_product_attention" \
+        in out.stderr
