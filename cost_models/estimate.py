@@ -29,7 +29,7 @@ from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
 from .framework import Framework, get_framework
 from .layout import Layout, Training
 from .validity import check
-from .work import ACT_BYTES, UnitWork, model_work
+from .work import ACT_BYTES, UnitWork, cost_key, model_work
 
 FSDP_REDUCE_BYTES = 4
 """FSDP reduce-scatters gradients in fp32 (torchtitan's default mixed_precision_reduce)."""
@@ -171,11 +171,15 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     """Seconds one micro-batch spends on this stage, by kind."""
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
     hidden = _hidden(stage)
+    priced: dict[tuple, dict[str, float]] = {}  # identical blocks cost the same: price each kind once
     for w in stage.units:
-        for key, value in unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
+        key = (_cost_key(w), stage.recompute[w.name])
+        if key not in priced:
+            priced[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
                                     tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name],
-                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm).items():
-            out[key] += value
+                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm)
+        for kind, value in priced[key].items():
+            out[kind] += value
     if layout.pp > 1:
         boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
         out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
@@ -184,6 +188,11 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
         # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
         out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
     return out
+
+
+def _cost_key(w: UnitWork) -> tuple | int:
+    """Units with equal keys cost the same (model_work numbers the kinds; else all fields but the name)."""
+    return w.cost_id if w.cost_id >= 0 else cost_key(w)
 
 
 def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
@@ -267,16 +276,28 @@ def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict
     (DeepSpeed), each paying its own ring latency: at DP in the hundreds the rings are latency-bound. Up to
     `zero3_overlap` of the compute hides them (prefetch)."""
     t = 0.0
+    priced: dict[tuple, float] = {}  # identical blocks move the same bytes
     for w in stage.units:
-        calls = w.gemm_calls if fw.zero3_gather == "linear" and w.kind == "block" else 1
-        dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
-        for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
-            if params <= 0:
-                continue
-            t += calls * 2 * comm.all_gather(params / calls * memory.WEIGHT_BYTES, group, profile)
-            t += calls * comm.reduce_scatter(params / calls * FSDP_REDUCE_BYTES, group, profile)
+        key = _cost_key(w)
+        if key not in priced:
+            priced[key] = _zero3_unit(w, layout, profile, groups, fw)
+        t += priced[key]
     hidden = min(t, fw.zero3_overlap * compute)
     return t - hidden + (profile.overlap_slowdown - 1) * hidden
+
+
+def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
+                fw: Framework) -> float:
+    """One unit's ZeRO-3 traffic per micro-batch: gathers forward and backward, gradient reduce-scatter."""
+    t = 0.0
+    calls = w.gemm_calls if fw.zero3_gather == "linear" and w.kind == "block" else 1
+    dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
+    for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
+        if params <= 0:
+            continue
+        t += calls * 2 * comm.all_gather(params / calls * memory.WEIGHT_BYTES, group, profile)
+        t += calls * comm.reduce_scatter(params / calls * FSDP_REDUCE_BYTES, group, profile)
+    return t
 
 
 def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,

@@ -14,6 +14,7 @@ Everything else is the model's own measured number.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from autoshard.planner.capture.model_graph import ModelGraph, Unit
@@ -57,6 +58,9 @@ class UnitWork:
     sac_op_bytes: float = 0.0
     """Bytes torchtitan's op-level selective AC keeps: the block input, the SDPA output with its
     log-sum-exp, and every other matmul output in execution order (the 1st, 3rd, ...)."""
+    cost_id: int = -1
+    """Units of one model with equal cost_id cost the same (model_work sets it; -1: not known), so the cost
+    model prices each kind of block once."""
 
 
 def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
@@ -134,4 +138,11 @@ def _gemm_calls(unit: Unit) -> int:
 
 def model_work(graph: ModelGraph) -> list[UnitWork]:
     """Unit costs in execution order (ops in the model body outside every unit are few and not priced)."""
-    return [unit_work(graph, u) for u in graph.units]
+    works = [unit_work(graph, u) for u in graph.units]
+    ids: dict[tuple, int] = {}
+    return [dataclasses.replace(w, cost_id=ids.setdefault(cost_key(w), len(ids))) for w in works]
+
+
+def cost_key(w: UnitWork) -> tuple:
+    """Everything that prices a unit (all but its name and cost_id)."""
+    return tuple(getattr(w, f) for f in w.__slots__ if f not in ("name", "cost_id"))
