@@ -27,6 +27,7 @@ is the mean over the full sequence, and the gradients averaged over dp x cp (tra
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +100,10 @@ class ContextParallelAttention(TorchFunctionMode):
     def attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
         """q, k, v: [b, heads, s/cp, head_dim] (this rank's tokens) -> [b, heads, s/cp, head_dim]."""
-        if self.n_rep > 1 and k.shape[1] == q.shape[1] and self._repeated(k, v):
-            k, v, enable_gqa = k[:, :: self.n_rep], v[:, :: self.n_rep], True
+        # this rank's heads under TP: fewer q heads than a kv group when kv heads are fewer than tp ranks
+        n_rep = math.gcd(self.n_rep, q.shape[1])
+        if n_rep > 1 and k.shape[1] == q.shape[1] and self._repeated(k, v, n_rep):
+            k, v, enable_gqa = k[:, ::n_rep], v[:, ::n_rep], True
         local = q.shape[2]
         if k.shape == v.shape:  # one collective for both
             k, v = self._gather(torch.stack((k, v)))
@@ -124,14 +127,14 @@ class ContextParallelAttention(TorchFunctionMode):
         return out.unflatten(0, (self.cp, x.shape[0])).movedim(0, 3).flatten(3, 4)
 
     @torch.no_grad()
-    def _repeated(self, k: Tensor, v: Tensor) -> bool:
+    def _repeated(self, k: Tensor, v: Tensor, n_rep: int) -> bool:
         """Whether each group of n_rep consecutive heads of k and v holds copies of one kv head (repeat_kv).
         Checked on every call, not cached: recomputation (transforms/ac.py) must replay the same ops. Compared
         bit for bit, so that copies of NaNs (a pipeline stage infers its shapes on uninitialised inputs) count as
         copies: every cp rank must take the same branch, or their all-gathers would differ in size."""
         bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         return all(torch.equal(g, g[:, :, :1].expand_as(g))
-                   for t in (k, v) for g in (t.view(bits[t.element_size()]).unflatten(1, (-1, self.n_rep)),))
+                   for t in (k, v) for g in (t.view(bits[t.element_size()]).unflatten(1, (-1, n_rep)),))
 
 
 def sliding_window(module: nn.Module) -> int | None:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -44,11 +45,11 @@ from autoshard.planner.capture.model_graph import AttentionInfo, ModelGraph, Uni
 
 from .init import REGROUPED, find_submodule
 
-HEAD_ATTRIBUTES = ("n_heads", "n_kv_heads", "num_heads", "num_key_value_heads", "num_attention_heads")
+Q_ATTRIBUTES = ("n_heads", "num_heads", "num_attention_heads")
+KV_ATTRIBUTES = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
+GROUP_ATTRIBUTES = ("num_key_value_groups", "n_rep")
 WIDTH_ATTRIBUTES = ("split_size",)
 """Widths a model may split its fused q/k/v output by (GPT-2's `split_size`): divided by tp like the heads."""
-CONFIG_HEADS = ("num_attention_heads", "num_key_value_heads")
-"""Head counts a Hugging Face attention may read from its config in forward (Phi-3): its own copy is divided."""
 SUPPORTED = ("attention: separate q/k/v linears, or one fused q/k/v linear or Conv1D split [q | k | v] or "
              "interleaved per head group, per-head or q/k-width norms inside; MLP: column linears (or one "
              "fused gate/up) and one row linear; MoE: a router and a ModuleList or stacked experts; norms")
@@ -197,6 +198,32 @@ class GatheredNorm(ParallelStyle):
         return distribute_module(module, device_mesh, replicate, gather, keep_slice)
 
 
+class SelectColumns(ParallelStyle):
+    """A projection kept whole on every tp rank, each rank using only the output columns its heads need:
+    kv heads fewer than tp ranks (Megatron replicates them). The selected output's gradient is declared
+    partial, so DTensor sums it over tp: the replicated weight and the input get every rank's share."""
+
+    def __init__(self, columns: Callable[[int], Tensor]) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        index = self.columns(device_mesh.get_local_rank())
+
+        def replicate(_name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for name, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()]),
+                                                          requires_grad=param.requires_grad))
+
+        def whole(_mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False), *inputs[1:])
+
+        def select(_mod: nn.Module, out: DTensor, mesh: DeviceMesh) -> Tensor:
+            return out.to_local(grad_placements=[Partial()]).index_select(-1, index.to(out.device))
+
+        return distribute_module(module, device_mesh, replicate, whole, select)
+
+
 def attention_sharding(info: AttentionInfo, tp: int) -> str:
     """"" when TP shards this attention's heads; else why it runs replicated (all heads on every tp rank,
     correct but not memory-saving). Raises ValueError when the heads fit neither."""
@@ -205,19 +232,43 @@ def attention_sharding(info: AttentionInfo, tp: int) -> str:
     if info.heads % tp:
         raise ValueError(f"{info.module}: {info.heads} attention heads do not divide over tp = {tp}; choose tp "
                          f"among {[d for d in range(1, info.heads + 1) if info.heads % d == 0]}")
-    if info.kv_heads % tp:
-        if tp % info.kv_heads == 0:
-            return f"{info.kv_heads} kv heads are fewer than tp = {tp} ranks"
-        raise ValueError(f"{info.module}: {info.kv_heads} kv heads do not divide over tp = {tp}; choose tp among "
-                         f"{[d for d in range(1, info.heads + 1) if info.heads % d == 0 and info.kv_heads % d == 0]}")
+    if info.kv_heads % tp and tp % info.kv_heads:
+        raise ValueError(f"{info.module}: {info.kv_heads} kv heads do not divide over tp = {tp} nor tp over them; "
+                         f"choose tp among {[d for d in range(1, info.heads + 1) if info.heads % d == 0 and (info.kv_heads % d == 0 or d % info.kv_heads == 0)]}")
+    if info.kv_heads < tp and len(info.column) == 1 and not info.fused:
+        return f"{info.kv_heads} kv heads are fewer than tp = {tp} ranks in a projection interleaved per group"
+    if info.kv_heads < tp and info.width_norms:
+        return f"{info.kv_heads} kv heads are fewer than tp = {tp} ranks under a norm over the kv width"
     return ""
+
+
+def _replicated_kv_columns(info: AttentionInfo, tp: int) -> Callable[[int], Tensor]:
+    """Rank r's output columns when kv heads are fewer than tp ranks: its q heads and the one kv head they
+    use, g = r x kv / tp (from a fused [q | k | v] projection), or that kv head alone (a k or v projection)."""
+    d, q = info.head_dim, info.heads * info.head_dim // tp
+
+    def columns(rank: int) -> Tensor:
+        g = rank * info.kv_heads // tp
+        head = torch.arange(g * d, (g + 1) * d)
+        if not info.fused:
+            return head
+        h, kv = info.fused[0], info.fused[1]
+        return torch.cat([torch.arange(rank * q, (rank + 1) * q), h + head, h + kv + head])
+
+    return columns
 
 
 def _attention_plan(info: AttentionInfo, tp: int, sp: bool, stream: Any) -> dict[str, ParallelStyle]:
     if attention_sharding(info, tp):
         return {info.module: SequenceBoundary(Shard(SEQ), Replicate(), output=(Replicate(), Shard(SEQ)))} if sp else {}
-    plan: dict[str, ParallelStyle] = {info.column[0]: Column(parts=info.fused)} if info.fused else \
-        dict.fromkeys(info.column, Column())
+    if info.kv_heads < tp:  # q heads sharded, kv heads replicated
+        select = SelectColumns(_replicated_kv_columns(info, tp))
+        plan: dict[str, ParallelStyle] = {info.column[0]: select} if info.fused else \
+            {info.column[0]: Column(), info.column[1]: select, info.column[2]: select}
+    elif info.fused:
+        plan = {info.column[0]: Column(parts=info.fused)}
+    else:
+        plan = dict.fromkeys(info.column, Column())
     plan.update(dict.fromkeys(info.row, Row(output_layouts=stream)))
     # per-head norms run on this rank's heads; their replicated weight's gradient is summed over tp
     plan.update(dict.fromkeys(info.head_norms, SequenceParallel(use_local_output=True)))
@@ -283,7 +334,7 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     for unit in graph.units:
         attn = find_submodule(model, unit.attention.module) if unit.attention is not None else None
         if attn is not None and not attention_sharding(unit.attention, tp):
-            _divide_heads(attn, tp)
+            _divide_heads(attn, unit.attention, tp)
     # a pipeline chunk (transforms/pp.py) holds some of the modules; the others are gone or parameter-free
     plan = {fqn: style for fqn, style in full_plan.items()
             if (m := find_submodule(model, fqn)) is not None and any(True for _ in m.parameters())}
@@ -297,18 +348,23 @@ def apply_tp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, sp: bool 
     return model
 
 
-def _divide_heads(attn: nn.Module, tp: int) -> None:
-    """This rank's head counts (and fused-split widths) on the attention module and, if its forward reads
-    them from its config (Phi-3), on its own copy of the config."""
-    for name in HEAD_ATTRIBUTES + WIDTH_ATTRIBUTES:
-        value = getattr(attn, name, None)
-        if isinstance(value, int):
-            setattr(attn, name, value // tp)
+def _divide_heads(attn: nn.Module, info: AttentionInfo, tp: int) -> None:
+    """This rank's head counts (q heads / tp, kv heads / tp or 1 when fewer than tp, their ratio) and fused
+    split widths, on the attention module and, if its forward reads them from its config (Phi-3), on its own
+    copy of the config. Only attributes holding the unsharded value are changed."""
+    heads, kv = info.heads // tp, max(info.kv_heads // tp, 1)
+    local = {**dict.fromkeys(Q_ATTRIBUTES, (info.heads, heads)), **dict.fromkeys(KV_ATTRIBUTES, (info.kv_heads, kv)),
+             **dict.fromkeys(GROUP_ATTRIBUTES, (info.heads // info.kv_heads, heads // kv)),
+             **dict.fromkeys(WIDTH_ATTRIBUTES, (info.heads * info.head_dim, heads * info.head_dim))}
+    for name, (whole, mine) in local.items():
+        if getattr(attn, name, None) == whole:
+            setattr(attn, name, mine)
     config = getattr(attn, "config", None)
-    if config is not None and all(isinstance(getattr(config, k, None), int) for k in CONFIG_HEADS):
+    if config is not None and any(getattr(config, k, None) is not None for k in Q_ATTRIBUTES + KV_ATTRIBUTES):
         attn.config = copy.copy(config)
-        for name in CONFIG_HEADS:
-            setattr(attn.config, name, getattr(config, name) // tp)
+        for name in Q_ATTRIBUTES + KV_ATTRIBUTES:
+            if getattr(config, name, None) == local[name][0]:
+                setattr(attn.config, name, local[name][1])
 
 
 def check_tp(model: nn.Module, graph: ModelGraph, *, tp: int, sp: bool, loss_parallel: bool = True,

@@ -134,8 +134,9 @@ def test_a_layout_the_model_cannot_take_is_refused():
     assert out.returncode != 0 and "found no MoE layer" in out.stderr and 'train.py", line' not in out.stderr
 
 
-def test_fewer_kv_heads_than_tp_ranks_run_the_attention_replicated(tmp):
-    """2 kv heads over tp = 4: each rank runs the whole attention (a warning says so), the MLP is sharded."""
+def test_fewer_kv_heads_than_tp_ranks_are_replicated(tmp):
+    """2 kv heads over tp = 4: each rank keeps the kv head its q heads use (Megatron's replication); the
+    gradients of the replicated k/v projections are summed over tp."""
     check(TINY_LLAMA, "tp=4", 4, tmp)
 
 
