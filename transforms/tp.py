@@ -2,11 +2,17 @@
 
 For each block the capture found (planner/capture/structure.py):
 - attention: the linears before the core are column-parallel (q, k, v: heads split over the TP ranks),
-  the ones after it row-parallel (o); each rank runs heads/tp heads. The model must size its head
-  dimension from the local tensor (reshape with -1, as autoshard's reference model and HF's do) or from
-  attributes this transform divides (`n_heads`, `n_kv_heads`, `num_heads`, `num_key_value_heads`);
-- MLP: linears reading the hidden state column-parallel, the one writing it back row-parallel;
+  the ones after it row-parallel (o); each rank runs heads/tp heads. A fused q/k/v projection split
+  [q | k | v] has its output rows regrouped so each rank's slice is [q_r | k_r | v_r] (`Column(parts=)`);
+  one interleaved per head group is cut into whole groups as it is. Fewer kv heads than tp ranks: the
+  k/v projection stays whole and each rank uses its kv head's columns (`SelectColumns`). Norms inside
+  the attention run per head (`SequenceParallel` on the local heads) or on the gathered width
+  (`GatheredNorm`). The model must size its heads from the local tensor (reshape with -1, as autoshard's
+  reference model and HF's do) or from attributes this transform sets (`_divide_heads`);
+- MLP: linears reading the hidden state column-parallel (a fused gate/up regrouped like q/k/v), the one
+  writing it back row-parallel; HF's Conv1D (GPT-2, weight [in, out]) as well as nn.Linear;
 - MoE: router and experts replicated (expert parallelism shards them, transforms/ep.py);
+- an attention or MLP whose pattern is none of these runs replicated (warned), never guessed;
 - the token embedding split over the vocabulary; the output head column-parallel over the vocabulary with
   the logits left sharded for a vocabulary-parallel cross-entropy (`loss_parallel`), so no rank holds the
   full [tokens, vocab] logits. Tied embeddings stay tied: both shard the shared weight by vocabulary rows.
@@ -17,8 +23,10 @@ Sequence parallelism (Korthikanti et al., arXiv:2205.05198, Sec. 4.2.2): between
 residual stream is split over the sequence (dim 1): the norms (and dropout, residual adds) run on s/tp
 tokens, each row-parallel linear reduce-scatters instead of all-reducing, and the attention, MLP and MoE
 inputs are all-gathered (the backward of each is the other collective). The stream is split where it enters
-the first block and gathered again after the last block (code between the blocks and the head, the final norm and the head see the whole sequence). Embeddings stay replicated, so
-models that add learned positions to the token embedding need no change.
+the first block and gathered again after the last block, so code between the blocks and the head, the
+final norm and the head see the whole sequence. Embeddings stay replicated, so models that add learned
+positions to the token embedding need no change. `check_tp` refuses, before any collective, a module with
+parameters that SP would feed 1/tp of the tokens.
 """
 
 from __future__ import annotations
