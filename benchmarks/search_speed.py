@@ -9,6 +9,7 @@ Prints a table; asserts nothing.
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -25,13 +26,17 @@ CASES = [
 
 
 def main() -> None:
-    print(f"{'model':<28}{'GPUs':>7}{'wall s':>9}{'solve s':>9}  layout")
+    print(f"{'model':<28}{'GPUs':>7}{'wall s':>9}{'CPU s':>8}{'solve s':>9}  layout")
     for name, spec, gpus, batch in CASES:
         start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-m", "autoshard.planner.cli", str(spec), "--gpus", str(gpus),
                               "--profile", "h100_ib", "--global-batch", str(batch), "--json"],
                              capture_output=True, text=True)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the plan process: what it costs on an idle machine, whatever else runs beside it
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         if out.returncode not in (0, 3):
             print(f"{name:<28}{gpus:>7}{wall:>9.1f}  failed: {out.stderr.strip()[:200]}")
             continue
@@ -39,7 +44,7 @@ def main() -> None:
         lay = d.get("layout", {})
         short = ",".join(f"{k}={lay[k]}" for k in ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "micro_batch",
                                                     "recompute") if k in lay) or "no layout fits"
-        print(f"{name:<28}{gpus:>7}{wall:>9.1f}{d.get('solve_time_s', 0):>9.1f}  {short}")
+        print(f"{name:<28}{gpus:>7}{wall:>9.1f}{cpu:>8.1f}{d.get('solve_time_s', 0):>9.1f}  {short}")
 
 
 if __name__ == "__main__":
