@@ -604,8 +604,9 @@ def _explain_cp(ctx: _Explain, cp: int, seq_len: int) -> str:
     if cp == 1:
         return f"cp=1: each GPU processes whole {seq_len}-token sequences." + ctx.rival("cp")
     return (f"cp={cp}: each {seq_len}-token sequence is split over {cp} GPUs ({seq_len // cp} tokens each), "
-            f"dividing the activations (now {ctx.gib('activations'):.3g} GiB per GPU); the key/value ring "
-            f"exchange not hidden under attention costs {ctx.share('cp_exposed')}.{ctx.rival('cp')}")
+            f"dividing the activations (now {ctx.gib('activations'):.3g} GiB per GPU); the key/value "
+            f"exchange (ring or all-gather, as the framework runs it) not hidden under attention costs "
+            f"{ctx.share('cp_exposed')}.{ctx.rival('cp')}")
 
 
 def _explain_ep(ctx: _Explain, ep: int) -> str:
