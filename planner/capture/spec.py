@@ -234,15 +234,22 @@ def _derive_style(r: _Reader, *, hidden: int, ffn_hidden: int | None, heads: int
     return "gpt" if ffn_hidden == 4 * hidden and kv_heads == heads else "llama"
 
 
-def _parse_model(data: Mapping[str, Any], *, source: str) -> ModelSpec:
+def _parse_model(data: Mapping[str, Any], *, source: str, warnings: list[str]) -> ModelSpec:
     r = _Reader(data, section="model", source=source)
     layers, hidden = r.req_int("layers"), r.req_int("hidden")
     heads, vocab = r.req_int("heads"), r.req_int("vocab")
     kv_heads = r.int_("kv_heads") or heads
     moe_data = _section(data, "moe", source=source, where="model.moe")
     moe = _parse_moe(moe_data, layers=layers, source=source) if moe_data is not None else None
-    # The dense FFN width is only unused when every layer is an MoE layer.
-    if data.get("ffn_hidden") is None and (moe is None or moe.dense_layers_first > 0):
+    # The dense FFN width is only unused when every layer is an MoE layer. A dense multi-head model that
+    # leaves it out (published GPT runs: Megatron's SC'21, Korthikanti, MegaScale) has GPT's 4 x hidden.
+    ffn_given = data.get("ffn_hidden") is not None
+    if not ffn_given and moe is None and kv_heads == heads and data.get("style") in (None, "gpt"):
+        data = {**data, "ffn_hidden": 4 * hidden}
+        r = _Reader(data, section="model", source=source)
+        warnings.append(f"{source}: model.ffn_hidden not given; a dense multi-head model: GPT's 4 x hidden = "
+                        f"{4 * hidden} assumed.")
+    elif not ffn_given and (moe is None or moe.dense_layers_first > 0):
         raise SpecError(
             f"{source}: model.ffn_hidden is missing; it is required for the dense FFN layers. Add "
             f"`ffn_hidden: <integer>` under `model:` (GPT-2/3 use 4 x hidden = {4 * hidden})."
@@ -347,8 +354,8 @@ def parse_spec(data: Any, *, source: str = "<dict>") -> tuple[ModelSpec, Trainin
             f" see examples/specs/llama3_8b.yaml."
         )
     training_data = _section(data, "training", source=source, where="training")
-    model = _parse_model(model_data, source=source)
     warnings: list[str] = []
+    model = _parse_model(model_data, source=source, warnings=warnings)
     training = _parse_training(training_data or {}, model=model, source=source, warnings=warnings)
     moe_data = model_data.get("moe") if isinstance(model_data.get("moe"), Mapping) else None
     return model, training, _unknown_keys(data, model_data, moe_data, training_data, source=source) + warnings

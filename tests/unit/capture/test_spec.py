@@ -293,3 +293,13 @@ def test_example_styles() -> None:
     styles = {p.stem: load_spec(p)[0].style for p in SPECS.glob("*.yaml")}
     assert styles["gpt3_175b"] == styles["tiny_gpt"] == "gpt"
     assert styles["llama3_8b"] == styles["tiny_llama"] == styles["mixtral_8x7b"] == "llama"
+
+
+def test_a_dense_mha_model_without_ffn_hidden_gets_gpts_4h_with_a_warning():
+    """Published GPT runs (SC'21, Korthikanti, MegaScale) leave ffn_hidden null: 4 x hidden, said aloud."""
+    model, _, warnings = parse_spec({"model": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": None,
+                                               "ffn_hidden": None, "vocab": 128}})
+    assert model.ffn_hidden == 256 and model.style == "gpt"
+    assert any("4 x hidden" in w for w in warnings)
+    with pytest.raises(SpecError, match="ffn_hidden is missing"):  # GQA: not GPT, no guess
+        parse_spec({"model": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128}})
