@@ -191,13 +191,18 @@ def _fused_qkv(linear: str, parts: list[int], d: int, group: int, events: list[E
     split = next((e for e in events if e.kind == "fn" and e.info.get("linear") == linear), None)
     if split is None:
         return [], f"the forward never splits the output of the fused projection {linear}"
-    last = split.info["out_shapes"][0][-1] if split.info["out_shapes"] else 0
     if split.name in ("view", "reshape", "unflatten"):
-        if last == d:
-            return parts, ""  # [heads of q, then k, then v] x head_dim (Falcon's multi-query layout)
-        if last == (group + 2) * d:
-            return [], ""  # one group per row: [q x group, k, v] (GPT-NeoX, Falcon's new decoder)
-        return [], f"its fused projection {linear} is viewed with a last dimension of {last}"
+        # the shape the flat width is viewed as: [heads + 2 kv, d] is q heads, then k, then v (Falcon's
+        # multi-query layout); [kv, (group + 2) d] or [kv, group + 2, d] is one kv group after another, each
+        # [its q heads, k, v] (GPT-NeoX, Falcon's new decoder)
+        out = split.info["out_shapes"][0] if split.info["out_shapes"] else ()
+        tail = tuple(out[len(split.info["in_shape"]) - 1:])
+        kv = parts[1] // d
+        if tail == (parts[0] // d + 2 * kv, d):
+            return parts, ""
+        if tail in ((kv, (group + 2) * d), (kv, group + 2, d)):
+            return [], ""
+        return [], f"its fused projection {linear} is viewed as {tail}, neither [q | k | v] heads nor kv groups"
     return parts, ""  # split / chunk / slicing of the flat width: [q | k | v]
 
 

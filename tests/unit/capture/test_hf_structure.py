@@ -43,6 +43,7 @@ ATTENTION = {
     "tiny_gpt2": ([64, 64, 64], 0, 0, False),       # Conv1D c_attn, split(split_size)
     "tiny_phi3": ([64, 32, 32], 0, 0, False),       # qkv_proj sliced at config widths
     "tiny_falcon": ([64, 16, 16], 0, 0, False),     # multi-query: one kv head, viewed [heads + 2, d]
+    "tiny_falcon_gqa": ([], 0, 0, False),           # new decoder: viewed [kv groups, heads/kv + 2, d]
     "tiny_gpt_neox": ([], 0, 0, False),             # fused, interleaved per head: plain column sharding
     "tiny_qwen3": ([], 2, 0, False),                # q/k norms over one head
     "tiny_olmo2": ([], 0, 2, False),                # q/k norms over the whole projection
