@@ -95,15 +95,18 @@ class _Stage:
 
 def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
              split: list[int] | None = None, recompute: dict[str, str] | None = None,
-             work: list[UnitWork] | None = None, framework: Framework | None = None) -> Estimate:
+             work: list[UnitWork] | None = None, framework: Framework | None = None,
+             validate: bool = True) -> Estimate:
     """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`.
 
     `split`: blocks per model chunk (pp x vpp of them, chunk c on stage c mod pp); even when None.
     `recompute`: block FQN -> none|selective|full where a block differs from layout.recompute.
     `work`: model_work(graph), when the caller prices many layouts of one model.
     `framework`: what runs it (default: the one training.framework names, with its stored coefficients).
+    `validate=False` skips the framework rules (validity.py), for bounds the search prices on purpose.
     """
-    check(graph, layout, training)
+    if validate:
+        check(graph, layout, training)
     fw = framework or get_framework(training.framework)
     m = training.global_batch // (layout.dp * layout.mbs)
     tokens = layout.mbs * training.seq_len

@@ -14,7 +14,10 @@ Rules (what each framework checks):
 - TP divides the query heads, and the kv heads divide TP or TP divides them (kv heads replicated: Megatron
   needs `num_query_groups % tp == 0`, torchtitan and autoshard replicate);
 - CP: the sequence splits into 2 x cp chunks (causal load balancing, Megatron and torchtitan);
-- EP divides the experts (and dp x cp, checked by Layout itself).
+- EP divides the experts (and dp x cp, checked by Layout itself);
+- under torch's pipelining schedules (frameworks torch and torchtitan), interleaved 1F1B runs its m
+  micro-batches in rounds of max(1, m // pp): m must be a multiple of the rounds
+  (torch.distributed.pipelining.ScheduleInterleaved1F1B).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from __future__ import annotations
 from autoshard.planner.capture.model_graph import ModelGraph
 
 from .layout import Layout, Training
+
+TORCH_SCHEDULES = ("torch", "torchtitan")
+"""Frameworks that run torch.distributed.pipelining's schedules."""
 
 
 def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list[str]:
@@ -38,6 +44,11 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     if layout.cp > 1 and training.seq_len % (2 * layout.cp):
         out.append(f"context-parallel chunks: seq_len {training.seq_len} must be divisible by 2 x cp({layout.cp}) "
                    "(causal load balancing gives each CP rank two chunks)")
+    m = training.global_batch // (layout.dp * layout.mbs)
+    rounds = max(1, m // layout.pp)
+    if layout.vpp > 1 and training.framework in TORCH_SCHEDULES and m and m % rounds:
+        out.append(f"interleaved rounds (torch's ScheduleInterleaved1F1B): the {m} micro-batches must be a "
+                   f"multiple of max(1, m // pp({layout.pp})) = {rounds}")
     moe = next((b.moe for b in graph.blocks if b.moe), None)
     if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
         have = f"{moe.num_experts} experts" if moe else "no experts"

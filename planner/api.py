@@ -52,6 +52,9 @@ def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Prof
         result = search(graph, gpus, training, prof, fixed)
     except InvalidLayout as exc:
         raise UserError(str(exc)) from exc
+    if result.best is None and result.closest is None and result.notes:
+        raise UserError(f"--layout {layout}: no layout with these keys can run on {gpus} GPUs: "
+                        f"{'; '.join(result.notes)}.")
     if result.best is None:
         raise NoFitError(_no_fit_message(graph, gpus, training, prof, fixed, result))
     best = result.best

@@ -195,7 +195,7 @@ def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, i
     for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))}:
         layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1, recompute="none",
                         schedule="interleaved_1f1b" if vpp > 1 else "1f1b")
-        est = estimate(graph, layout, training, profile, work=work)
+        est = estimate(graph, layout, training, profile, work=work, validate=False)  # a bound, valid or not
         times.append(est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"])
     return min(times)
 
@@ -220,7 +220,10 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
                               recompute=r, **base)
                        for z in _choices("zero", list(ZERO_ORDER), fixed)
                        for r in _choices("recompute", list(RECOMPUTE), fixed)]
-            cand = _first_fit(graph, work, layouts, training, profile, result)
+            errors = [layout_errors(graph, lay, training) for lay in layouts]
+            result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
+            layouts = [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]
+            cand = _first_fit(graph, work, layouts, training, profile, result) if layouts else None
             if cand is not None:
                 out.append(cand)
         if out and not out[-1].estimate.fits:

@@ -75,3 +75,12 @@ def test_framework_changes_selective_memory():
     mem = {fw: estimate(graph, layout, Training(global_batch=8, seq_len=8192, framework=fw),
                         load_profile("h100_ib")).memory_breakdown["activations"] for fw in ("torch", "torchtitan")}
     assert mem["torchtitan"] < 0.7 * mem["torch"]
+
+
+def test_torch_interleaved_rounds_are_a_framework_rule(llama):
+    """torch's ScheduleInterleaved1F1B runs m micro-batches in rounds of max(1, m // pp): 9 on pp=2 is not a
+    multiple of 4 rounds; Megatron-Core takes it. Named, under the frameworks that run torch's schedules."""
+    layout = Layout(pp=2, vpp=2, dp=1, schedule="interleaved_1f1b")
+    torch_run = Training(global_batch=9, seq_len=64)
+    assert any("interleaved rounds" in e for e in layout_errors(llama, layout, torch_run))
+    assert layout_errors(llama, layout, Training(global_batch=9, seq_len=64, framework="megatron")) == []
