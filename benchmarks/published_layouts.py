@@ -60,8 +60,7 @@ def price(run: CalibrationRun, layout: dict[str, Any], spec_path: Path) -> dict[
     pred = p.predicted
     return {"outcome": "fits" if pred["fits"] else "priced, does not fit", "ok": bool(pred["fits"]),
             "seconds": time.perf_counter() - start, "mem": pred["peak_memory_gib"],
-            "cap": pred["memory_capacity_gib"], "tok": pred["tokens_per_sec_per_gpu"],
-            "layout": p.layout}
+            "cap": pred["memory_capacity_gib"], "tok": pred["tokens_per_sec_per_gpu"]}
 
 
 def main() -> None:

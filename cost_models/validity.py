@@ -41,9 +41,7 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
         out.append(f"one block per model chunk: pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} "
                    f"chunks exceed the {blocks} blocks")
     out += tp_errors(graph, layout.tp)
-    if layout.cp > 1 and training.seq_len % (2 * layout.cp):
-        out.append(f"context-parallel chunks: seq_len {training.seq_len} must be divisible by 2 x cp({layout.cp}) "
-                   "(causal load balancing gives each CP rank two chunks)")
+    out += cp_errors(training.seq_len, layout.cp)
     m = training.global_batch // (layout.dp * layout.mbs)
     rounds = max(1, m // layout.pp)
     if layout.vpp > 1 and training.framework in TORCH_SCHEDULES and m and m % rounds:
@@ -67,6 +65,14 @@ def tp_errors(graph: ModelGraph, tp: int) -> list[str]:
     if attn.kv_heads % tp and tp % attn.kv_heads:
         out.append(f"whole kv heads per TP rank: tp({tp}) and the {attn.kv_heads} kv heads must divide one another")
     return out
+
+
+def cp_errors(seq_len: int, cp: int) -> list[str]:
+    """Causal load balancing gives each CP rank two chunks: the sequence splits into 2 x cp."""
+    if cp > 1 and seq_len % (2 * cp):
+        return [f"context-parallel chunks: seq_len {seq_len} must be divisible by 2 x cp({cp}) "
+                "(causal load balancing gives each CP rank two chunks)"]
+    return []
 
 
 def check(graph: ModelGraph, layout: Layout, training: Training) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
-from autoshard.cost_models.validity import layout_errors, tp_errors
+from autoshard.cost_models.validity import cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
 from autoshard.planner.capture.model_graph import ModelGraph
@@ -122,9 +122,8 @@ def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Pro
             if (gpus // tp) % cp:
                 broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) does not divide the {gpus} GPUs")
                 continue
-            if cp > 1 and training.seq_len % (2 * cp):
-                broken.append(f"context-parallel chunks: seq_len {training.seq_len} must be divisible by "
-                              f"2 x cp({cp})")
+            if cp_errors(training.seq_len, cp):
+                broken += cp_errors(training.seq_len, cp)
                 continue
             for pp in _choices("pp", divisors(gpus // (tp * cp)), fixed):
                 if (gpus // (tp * cp)) % pp:
