@@ -314,7 +314,7 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
         if layout.zero < 3:
             for params, group in shards:
                 # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
-                nbytes = params * memory.GRAD_BYTES
+                nbytes = params * fw.grad_bytes
                 buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
                 if layout.zero == 0:
                     t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
@@ -340,7 +340,7 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
-        w, g, o = memory.model_states(params, zero=layout.zero, shards=shards)
+        w, g, o = memory.model_states(params, zero=layout.zero, shards=shards, grad_bytes=fw.grad_bytes)
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
     held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}

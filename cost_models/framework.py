@@ -33,6 +33,9 @@ class Framework:
     """Fraction of the ZeRO-3 traffic that can hide under compute (prefetch)."""
     dp_bucket_bytes: float
     """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
+    grad_bytes: float
+    """Bytes per parameter of the gradient buffer that accumulates micro-batches and is reduced over DP
+    (ZeRO 0-2): 2 for 16-bit buffers, 4 for fp32 (Megatron's main_grad with bf16)."""
     cp_comm: str
     """How context-parallel attention runs: "ring" (keys/values passed round the cp ranks while the previous
     block computes, one causal flash kernel per step: TE's p2p CP), "allgather" (keys/values all-gathered
@@ -49,35 +52,39 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="torch", cp_comm="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
+        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
         source="transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
                "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
                "unfused, about 10% below TE (assumed until fitted)"),
     Framework(
         name="torchtitan", cp_comm="allgather", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
         selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, kernel_efficiency=0.90, prior=0.90,
+        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
         source="torchtitan distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
                "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
                "(torchtitan's cross_entropy_loss)"),
     Framework(
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=2 * 40e6, kernel_efficiency=1.0, prior=1.0,
+        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, kernel_efficiency=1.0, prior=1.0,
         source="Megatron-Core: selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
                "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
-               "of max(40M, 1M x dp) parameters; TE kernels are the efficiency reference (1 by definition)"),
+               "of max(40M, 1M x dp) parameters; fp32 gradient buffers reduced in fp32: Megatron-LM's "
+               "arguments.py turns accumulate_allreduce_grads_in_fp32 on for bf16, NeMo 2's and "
+               "Megatron-Bridge's bf16_mixed recipes set grad_reduce_in_fp32=True (6 + 12/d bytes per "
+               "parameter with the distributed optimizer); TE kernels are the efficiency reference (1 by "
+               "definition)"),
     Framework(
         name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
-        dp_bucket_bytes=5e8, kernel_efficiency=0.90, prior=0.90,
+        dp_bucket_bytes=5e8, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
         source="DeepSpeed ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
                "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
                "5e8; overlap 0.5 assumed (prefetch is partial)"),
     Framework(
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, kernel_efficiency=1.1, prior=0.90,
+        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=1.1, prior=0.90,
         source="nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
                "kernel_efficiency fitted by benchmarks/accuracy.py on the 4 Ultra-Scale Playbook runs (the only "
                "nanotron source: left out in cross-validation, it falls back to the prior)"),

@@ -19,8 +19,9 @@ from .work import UnitWork
 
 WEIGHT_BYTES = 2
 GRAD_BYTES = 2
-"""16-bit gradient buffers (Megatron-Core's default, grad_reduce_in_fp32=False; FSDP2 keeps the sharded
-fp32 gradient instead of a master copy, which the 12 optimizer bytes already cover)."""
+"""16-bit gradient buffers, the default (torch DDP on bf16 weights; FSDP2 keeps the sharded fp32 gradient
+instead of a master copy, which the 12 optimizer bytes already cover). Megatron's fp32 main_grad is
+framework.grad_bytes = 4."""
 OPTIMIZER_BYTES = 12
 LOGIT_BYTES = 14
 """Per logit at the loss's backward peak: the 16-bit logits, their fp32 copy, the fp32 log-softmax kept

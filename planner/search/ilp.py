@@ -113,8 +113,9 @@ class StageILP:
         """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""
         lay = self.layout
         dense, expert = w.dense_params / lay.tp, w.expert_params / (lay.tp * lay.ep)
-        total = sum(memory.model_states(dense, zero=lay.zero, shards=lay.dp * lay.cp))
-        total += sum(memory.model_states(expert, zero=lay.zero, shards=lay.dp * lay.cp // lay.ep))
+        g = self.fw.grad_bytes
+        total = sum(memory.model_states(dense, zero=lay.zero, shards=lay.dp * lay.cp, grad_bytes=g))
+        total += sum(memory.model_states(expert, zero=lay.zero, shards=lay.dp * lay.cp // lay.ep, grad_bytes=g))
         if lay.zero == 3 and lay.pp > 1:
             total += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
         return total

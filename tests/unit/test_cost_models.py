@@ -254,3 +254,20 @@ def test_zero3_gathers_per_linear_pay_more_latency():
     per = {fw: estimate(graph, layout, Training(global_batch=256, seq_len=64, framework=fw), PROFILE)
            for fw in ("torch", "deepspeed")}
     assert per["deepspeed"].time_breakdown["zero3_exposed"] > per["torch"].time_breakdown["zero3_exposed"]
+
+
+def test_megatron_keeps_fp32_gradients_6_plus_12_over_d_bytes():
+    """Megatron with bf16 accumulates and reduces gradients in fp32 (Megatron-LM arguments.py forces
+    accumulate_allreduce_grads_in_fp32; NeMo/Megatron-Bridge bf16_mixed set grad_reduce_in_fp32): with the
+    distributed optimizer a parameter costs 6 + 12/d bytes (Megatron-LM docs, distrib_optimizer.md), against
+    4 + 12/d for 16-bit buffers (torch DDP). The gradient reduce-scatter moves 4 bytes per parameter too."""
+    graph = capture("examples/specs/tiny_llama.yaml", 1, 64)
+    layout = Layout(dp=8, zero=1)
+    est = {fw: estimate(graph, layout, Training(global_batch=8, seq_len=64, framework=fw), PROFILE)
+           for fw in ("torch", "megatron")}
+    states = {fw: e.memory_breakdown for fw, e in est.items()}
+    params = states["torch"]["weights"] / 2
+    assert states["megatron"]["gradients"] == pytest.approx(4 * params)
+    assert states["torch"]["gradients"] == pytest.approx(2 * params)
+    per_param = sum(states["megatron"][k] for k in ("weights", "gradients", "optimizer")) / params
+    assert per_param == pytest.approx(6 + 12 / 8)
