@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from autoshard.planner.errors import UserError
 from autoshard.planner.outputs.plan import Plan, fingerprint
 
 from .ac import apply_ac
+from .checkpoint import Resumed, fingerprint_of, load_checkpoint, load_weights, save_checkpoint
 from .cp import apply_cp, check_cp
 from .dp import apply_dp, apply_dp_to_chunks
 from .ep import ExpertShards, apply_ep, check_ep, merge_expert_shards
@@ -62,6 +64,28 @@ class ParallelModel:
     split_batch: BatchSplit = whole_batch
     experts: ExpertShards | None = None
     """This rank's experts under expert parallelism (their gradients are gathered from their owners)."""
+    fingerprint: str = ""
+    """Names and shapes of the unsharded model's parameters, hashed (transforms/checkpoint.py)."""
+    layout: str = ""
+    """The layout this model runs (`Layout.to_string()`)."""
+
+    def save(self, path: str | os.PathLike, *, step: int, extra: dict | None = None,
+             keep: int | None = None) -> Path:
+        """Save model, optimizer and RNG as `path/step_{step}`, each rank its own shards, under the unsharded
+        model's names (loads under any layout); `extra`: the caller's JSON state (data position); `keep`: how
+        many checkpoints to keep in `path`. A collective (transforms/checkpoint.py)."""
+        return save_checkpoint(self, path, step=step, extra=extra, keep=keep)
+
+    def load(self, path: str | os.PathLike) -> Resumed:
+        """Load a checkpoint saved under any layout: `path` is one, or a folder of them (the newest is loaded).
+        A missing, partial, damaged or foreign checkpoint raises CheckpointError on every rank before any
+        collective. Returns the step and extra state saved."""
+        return load_checkpoint(self, path)
+
+    def load_weights(self, source: str | os.PathLike | dict[str, Tensor]) -> None:
+        """Copy the unsharded model's weights (a state dict or a .safetensors file, e.g. a Hugging Face
+        model's) into this rank's shards; each rank reads only its part of a file. No collective."""
+        load_weights(self, source if isinstance(source, dict) else Path(source))
 
     def train_step(self, tokens: Tensor, *, update: bool = True) -> float:
         """One step on this data-parallel rank's share of the global batch of token ids [B, s + 1]; returns
@@ -154,13 +178,14 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
     check_layout(model, layout, graph=graph)
+    identity = {"fingerprint": fingerprint_of(model), "layout": layout.to_string()}
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
     elif isinstance(mesh, DeviceMesh):
         mesh = axis_meshes(mesh)
     if layout.pp > 1:
         return apply_pipeline(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed,
-                              split=split)
+                              split=split, identity=identity)
     device = device_for_rank()
     if not meta:
         model.to(device)
@@ -182,7 +207,7 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     if is_meta(model):
         materialize(model, device, seed)
     return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device,
-                         split_batch=split_batch, experts=experts)
+                         split_batch=split_batch, experts=experts, **identity)
 
 
 def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None:
@@ -288,7 +313,7 @@ def _plain(t: Tensor) -> Tensor:
 
 def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes,
                    recompute: dict[str, str] | None, lr: float, seed: int | None,
-                   split: list[int] | None) -> PipelineParallelModel:
+                   split: list[int] | None, identity: dict[str, str]) -> PipelineParallelModel:
     """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
     all of this rank's chunks."""
     device = device_for_rank()
@@ -337,7 +362,7 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
     return PipelineParallelModel(module=nn.ModuleList(chunks), optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs,
                                  device=device, split_batch=split_batch, chunks=chunks, schedule_name=layout.schedule,
                                  stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp,
-                                 tied=tied, aliases=aliases)
+                                 tied=tied, aliases=aliases, **identity)
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,

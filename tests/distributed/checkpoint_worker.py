@@ -1,0 +1,58 @@
+"""Worker for test_checkpoint.py (launched by spawn.py): runs the jobs given as JSON in argv[1], one after the
+other in the same process group, each on a fresh model under its own layout, and prints rank 0's losses as
+JSON lines {"job": i, "step": s, "loss": x}.
+
+A job is {"model": spec name, "layout": layout keys, "save": dir | null, "resume": dir | null,
+"weights": .safetensors | null}. Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
+step 3); with it, it loads that checkpoint (saved under another layout), saves it again at once under its own
+layout if "save" is given, and trains steps 3-5. With "weights" it loads the unsharded weights from that file
+into its shards, saves them (step 0) and trains nothing."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from autoshard.cost_models.layout import complete, parse_layout
+from autoshard.planner.capture.reference_model import build_reference_model
+from autoshard.planner.capture.spec import load_spec
+from autoshard.planner.capture.trace import capture
+from autoshard.synthetic import synthetic_batch
+from autoshard.transforms.apply import apply_layout
+from autoshard.transforms.init import meta_parameters
+
+SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+SEED, BATCH, SEQ, STEPS, SAVE_AT = 7, 8, 32, 6, 3
+
+
+def run(index: int, job: dict) -> None:
+    with meta_parameters():
+        model = build_reference_model(load_spec(SPECS / f"{job['model']}.yaml")[0])
+    partial = {"zero": 0, "mbs": 1} | parse_layout(job["layout"])
+    parallel = apply_layout(model, complete(partial, dist.get_world_size()), graph=capture(model, 1, SEQ), seed=SEED)
+    if job.get("weights"):
+        parallel.load_weights(job["weights"])
+        parallel.save(job["save"], step=0)
+        return
+    start = 0
+    if job.get("resume"):
+        start = parallel.load(job["resume"]).step
+        if job.get("save"):
+            parallel.save(job["save"], step=start)
+    for step in range(start, STEPS):
+        loss = parallel.train_step(synthetic_batch(seed=SEED, step=step, batch=BATCH, seq_len=SEQ, vocab=256))
+        if dist.get_rank() == 0:
+            print(json.dumps({"job": index, "step": step, "loss": loss}), flush=True)
+        if step + 1 == SAVE_AT and job.get("save") and not job.get("resume"):
+            parallel.save(job["save"], step=SAVE_AT)
+
+
+dist.init_process_group("gloo")
+for i, job in enumerate(json.loads(sys.argv[1])):
+    run(i, job)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
