@@ -42,6 +42,12 @@ class Framework:
     before attention, not overlapped, one causal kernel per chunk: torch's context_parallel default rotate
     method, Llama 3) or "allgather_masked" (autoshard's transforms/cp.py: all-gathered keys/values and one
     SDPA call with an explicit mask over every key, so causality skips no work)."""
+    zero_stages: tuple[int, ...]
+    """The ZeRO stages the framework runs (0: replicated DDP)."""
+    interleaved: bool
+    """Whether it runs the interleaved (virtual-stage) pipeline schedule, vpp > 1."""
+    zero_with_pp: int = 3
+    """The highest ZeRO stage it combines with pipeline parallelism."""
     kernel_efficiency: float
     """Fitted: fraction of the profile's GEMM and attention efficiency these kernels reach."""
     prior: float
@@ -52,22 +58,26 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="torch", cp_comm="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
-        source="transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
+        dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=True,
+        kernel_efficiency=0.90, prior=0.90,
+        source="transforms/dp.py (ZeRO 0-3), transforms/pp.py (torch schedules); transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
                "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
                "unfused, about 10% below TE (assumed until fitted)"),
     Framework(
         name="torchtitan", cp_comm="allgather", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
         selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
-        source="torchtitan distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
+        dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 2, 3), interleaved=True,
+        kernel_efficiency=0.90, prior=0.90,
+        source="torchtitan: DDP or FSDP2, fully sharded (ZeRO-3) or with fsdp_reshard_after_forward=never (ZeRO-2), no sharded-optimizer-only mode; torch pipelining schedules incl. interleaved; distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
                "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
                "(torchtitan's cross_entropy_loss)"),
     Framework(
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, kernel_efficiency=1.0, prior=1.0,
-        source="Megatron-Core: selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
+        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, zero_stages=(0, 1, 3), interleaved=True,
+        kernel_efficiency=1.0, prior=1.0,
+        source="Megatron-Core: DDP, distributed optimizer (ZeRO-1) or Megatron-FSDP (ZeRO-3), no ZeRO-2; "
+               "selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
                "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
                "of max(40M, 1M x dp) parameters; fp32 gradient buffers reduced in fp32: Megatron-LM's "
                "arguments.py turns accumulate_allreduce_grads_in_fp32 on for bf16, NeMo 2's and "
@@ -77,15 +87,17 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
-        dp_bucket_bytes=5e8, grad_bytes=2.0, kernel_efficiency=0.90, prior=0.90,
-        source="DeepSpeed ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
+        dp_bucket_bytes=5e8, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=False, zero_with_pp=1,
+        kernel_efficiency=0.90, prior=0.90,
+        source="DeepSpeed PipelineEngine: 1F1B only, ZeRO-2/3 refused with pipeline parallelism (runtime/pipe/engine.py asserts zero stage < 2); ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
                "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
                "5e8; overlap 0.5 assumed (prefetch is partial)"),
     Framework(
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, grad_bytes=2.0, kernel_efficiency=1.1, prior=0.90,
-        source="nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
+        dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1), interleaved=False,
+        kernel_efficiency=1.1, prior=0.90,
+        source="nanotron: optimizer.zero_stage 0 or 1 (ZeroDistributedOptimizer), pipeline engines afab and 1f1b (no interleaving); nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
                "kernel_efficiency fitted by benchmarks/accuracy.py on the 4 Ultra-Scale Playbook runs (the only "
                "nanotron source: left out in cross-validation, it falls back to the prior)"),
 )}

@@ -15,6 +15,9 @@ Rules (what each framework checks):
   needs `num_query_groups % tp == 0`, torchtitan and autoshard replicate);
 - CP: the sequence splits into 2 x cp chunks (causal load balancing, Megatron and torchtitan);
 - EP divides the experts (and dp x cp, checked by Layout itself);
+- what the framework runs at all (framework.py): its ZeRO stages (nanotron 0-1, Megatron 0/1/3,
+  torchtitan 0/2/3), interleaving (not DeepSpeed's or nanotron's pipeline engines) and ZeRO with a
+  pipeline (DeepSpeed refuses ZeRO-2/3 with pipeline parallelism);
 - under torch's pipelining schedules (frameworks torch and torchtitan), interleaved 1F1B runs its m
   micro-batches in rounds of max(1, m // pp): m must be a multiple of the rounds
   (torch.distributed.pipelining.ScheduleInterleaved1F1B).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from autoshard.planner.capture.model_graph import ModelGraph
 
+from .framework import get_framework
 from .layout import Layout, Training
 
 TORCH_SCHEDULES = ("torch", "torchtitan")
@@ -47,10 +51,24 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     if layout.vpp > 1 and training.framework in TORCH_SCHEDULES and m and m % rounds:
         out.append(f"interleaved rounds (torch's ScheduleInterleaved1F1B): the {m} micro-batches must be a "
                    f"multiple of max(1, m // pp({layout.pp})) = {rounds}")
+    out += framework_errors(layout, training.framework)
     moe = next((b.moe for b in graph.blocks if b.moe), None)
     if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
         have = f"{moe.num_experts} experts" if moe else "no experts"
         out.append(f"whole experts per rank: ep({layout.ep}) must divide the number of experts; the model has {have}")
+    return out
+
+
+def framework_errors(layout: Layout, framework: str) -> list[str]:
+    """What the framework cannot run: a ZeRO stage it lacks, interleaving, ZeRO-2/3 with a pipeline."""
+    fw = get_framework(framework)
+    out = []
+    if layout.zero not in fw.zero_stages:
+        out.append(f"ZeRO stages of {fw.name}: it runs {', '.join(map(str, fw.zero_stages))}, not {layout.zero}")
+    if layout.vpp > 1 and not fw.interleaved:
+        out.append(f"{fw.name} has no interleaved pipeline schedule: vpp must be 1, got {layout.vpp}")
+    if layout.pp > 1 and layout.zero > fw.zero_with_pp:
+        out.append(f"{fw.name} runs ZeRO up to stage {fw.zero_with_pp} with pipeline parallelism, not {layout.zero}")
     return out
 
 

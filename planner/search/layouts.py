@@ -25,6 +25,7 @@ from typing import Any
 
 from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
+from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.validity import cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
@@ -208,16 +209,17 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits."""
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
+    zeros, vpps = _framework_choices(graph, training, pp)
     out = []
     for mbs in _mbs_options(per_dp, fixed):
-        for vpp in _choices("vpp", [v for v in VPP_CHOICES if (v == 1 or pp > 1) and pp * v <= len(graph.blocks)], fixed):
+        for vpp in _choices("vpp", vpps, fixed):
             schedule = fixed.get("schedule", "interleaved_1f1b" if vpp > 1 else "1f1b")
             if vpp > 1 and schedule != "interleaved_1f1b":
                 continue
             base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
             layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
                               recompute=r, **base)
-                       for z in _choices("zero", list(ZERO_ORDER), fixed)
+                       for z in _choices("zero", zeros, fixed)
                        for r in _choices("recompute", list(RECOMPUTE), fixed)]
             errors = [layout_errors(graph, lay, training) for lay in layouts]
             result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
@@ -228,6 +230,18 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
         if out and not out[-1].estimate.fits:
             break  # a larger micro-batch only needs more memory
     return out
+
+
+def _framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
+    """The ZeRO stages and interleaving degrees to try under the framework (validity.framework_errors):
+    ZERO_ORDER's stages it runs (ZeRO-0 when it has no ZeRO-1, which would dominate it), and vpp > 1 only
+    where it interleaves."""
+    fw = get_framework(training.framework)
+    zeros = [z for z in ZERO_ORDER if z in fw.zero_stages and (pp == 1 or z <= fw.zero_with_pp)]
+    if 1 not in zeros and 0 in fw.zero_stages:
+        zeros.insert(0, 0)
+    vpps = [v for v in VPP_CHOICES if (v == 1 or (pp > 1 and fw.interleaved)) and pp * v <= len(graph.blocks)]
+    return zeros, vpps
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,

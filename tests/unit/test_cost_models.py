@@ -236,7 +236,7 @@ def test_cp_time_follows_how_the_framework_runs_it():
     """The same cp=4 layout: TE's overlapped ring hides its exchange behind attention; all-gather CP exposes a
     gather and a reduce-scatter; autoshard's masked all-gather kernel also computes the non-causal half."""
     graph = capture("examples/specs/llama3_8b.yaml", 1, 32768)
-    layout = Layout(cp=4, dp=1)
+    layout = Layout(cp=4, dp=1, zero=3)  # a stage all three run
     train = {fw: Training(global_batch=4, seq_len=32768, framework=fw) for fw in ("megatron", "torchtitan", "torch")}
     est = {fw: estimate(graph, layout, t, PROFILE) for fw, t in train.items()}
     cp = {fw: e.time_breakdown["cp_exposed"] for fw, e in est.items()}

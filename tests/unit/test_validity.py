@@ -84,3 +84,28 @@ def test_torch_interleaved_rounds_are_a_framework_rule(llama):
     torch_run = Training(global_batch=9, seq_len=64)
     assert any("interleaved rounds" in e for e in layout_errors(llama, layout, torch_run))
     assert layout_errors(llama, layout, Training(global_batch=9, seq_len=64, framework="megatron")) == []
+
+
+@pytest.mark.parametrize(("framework", "layout", "rule"), [
+    ("nanotron", Layout(dp=8, zero=3), "ZeRO stages of nanotron: it runs 0, 1, not 3"),
+    ("megatron", Layout(dp=8, zero=2), "ZeRO stages of megatron: it runs 0, 1, 3, not 2"),
+    ("torchtitan", Layout(dp=8, zero=1), "ZeRO stages of torchtitan: it runs 0, 2, 3, not 1"),
+    ("nanotron", Layout(pp=2, vpp=2, dp=4, schedule="interleaved_1f1b"), "no interleaved pipeline schedule"),
+    ("deepspeed", Layout(pp=2, dp=4, zero=2), "deepspeed runs ZeRO up to stage 1 with pipeline parallelism"),
+])
+def test_what_a_framework_cannot_run_is_named(llama, framework, layout, rule):
+    """framework.py's capabilities, from each framework's own code (nanotron's zero_stage and pipeline
+    engines, Megatron's optimizers, torchtitan's FSDP2 modes, DeepSpeed's PipelineEngine assert)."""
+    errors = layout_errors(llama, layout, Training(global_batch=8, seq_len=64, framework=framework))
+    assert any(rule in e for e in errors), errors
+
+
+def test_the_search_only_proposes_what_the_framework_runs():
+    """Planned under nanotron, no ZeRO-2/3 and no interleaving is chosen; under torch the same model may."""
+    from autoshard.hardware_profiles import load_profile
+    from autoshard.planner.search.layouts import search
+
+    graph = capture(SPECS / "llama3_8b.yaml", 1, 4096)
+    result = search(graph, 64, Training(global_batch=64, seq_len=4096, framework="nanotron"), load_profile("h100_ib"))
+    assert result.ranked
+    assert all(c.layout.zero in (0, 1) and c.layout.vpp == 1 for c in result.ranked)
