@@ -16,6 +16,12 @@ Every layout of tp (with sp), pp (with vpp and the schedule), cp, ep, dp and zer
 sets the blocks per pipeline chunk (the plan's split with --plan; even otherwise). Bad input exits with 2.
 `--verify` checks the sharded model against the unsharded one on one batch before training (exit 1 if they
 differ).
+
+Checkpoints (transforms/checkpoint.py): `--checkpoint-dir DIR --save-every K --keep N` saves every K steps and
+after the last (DIR/step_N, complete or absent, under the unsharded model's names: it loads under any layout
+and GPU count), keeping the newest N. A job started again with the same command (torchrun --max-restarts after
+a rank died) continues from the newest complete checkpoint in DIR; `--resume PATH` loads a given checkpoint
+(or the newest in a folder of them). A missing, damaged or foreign checkpoint exits with 2, nothing written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +46,7 @@ from autoshard.planner.errors import UserError  # noqa: E402
 from autoshard.planner.outputs.plan import fingerprint, load_plan  # noqa: E402
 from autoshard.synthetic import synthetic_batch  # noqa: E402
 from autoshard.transforms.apply import apply_layout, plan_choices  # noqa: E402
+from autoshard.transforms.checkpoint import checkpoints  # noqa: E402
 from autoshard.transforms.init import meta_parameters  # noqa: E402
 
 
@@ -55,15 +63,20 @@ def main() -> int:
         rank = _init_distributed(world)
         parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
                                 split=split)
+        start, position = _resume(parallel, args, rank)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.verify and not _verify(parallel, args, vocab, rank):
         return 1
-    for step in range(args.steps):
-        loss = parallel.train_step(_batch(args, vocab, step))
+    for step in range(start, args.steps):
+        _kill_for_tests(step, rank, world)
+        loss = parallel.train_step(_batch(args, vocab, position + step - start))
         if rank == 0:
             print(json.dumps({"step": step, "loss": loss}), flush=True)
+        if args.checkpoint_dir and (step + 1 == args.steps or args.save_every and (step + 1) % args.save_every == 0):
+            parallel.save(args.checkpoint_dir, step=step + 1, keep=args.keep,
+                          extra={"data_position": position + step + 1 - start})
         if step == 0 and args.grads_out:
             grads = parallel.full_gradients()
             if rank == 0:
@@ -74,6 +87,32 @@ def main() -> int:
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
     return 0
+
+
+def _resume(parallel, args: argparse.Namespace, rank: int) -> tuple[int, int]:
+    """(first step, its batch index): from --resume, else from the newest checkpoint in --checkpoint-dir (a job
+    restarted with the same command), else (0, 0)."""
+    source = args.resume
+    if source is None and args.checkpoint_dir and Path(args.checkpoint_dir).is_dir() \
+            and checkpoints(Path(args.checkpoint_dir)):
+        source = args.checkpoint_dir
+    if source is None:
+        return 0, 0
+    resumed = parallel.load(source)
+    if rank == 0:
+        print(f"resumed from {resumed.path} at step {resumed.step}", file=sys.stderr, flush=True)
+    return resumed.step, int(resumed.extra.get("data_position", resumed.step))
+
+
+def _kill_for_tests(step: int, rank: int, world: int) -> None:
+    """Tests only: with AUTOSHARD_TEST_KILL_AT_STEP=k and AUTOSHARD_TEST_KILL_MARKER=file set, the last rank
+    SIGKILLs itself inside the forward of step k, once (the marker file, created first, stops the restarted
+    job from doing it again)."""
+    at, marker = os.environ.get("AUTOSHARD_TEST_KILL_AT_STEP"), os.environ.get("AUTOSHARD_TEST_KILL_MARKER")
+    if at is None or marker is None or int(at) != step or rank != world - 1 or Path(marker).exists():
+        return
+    Path(marker).touch()
+    torch.nn.modules.module.register_module_forward_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
 
 
 VERIFY_RTOL = 1e-4
@@ -133,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="a plan .yaml to run instead of --layout")
     p.add_argument("--stage-split", help="blocks per pipeline chunk (pp x vpp numbers), e.g. 1,3; even if not given")
     p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
+    p.add_argument("--checkpoint-dir", help="save checkpoints here (DIR/step_N); a restarted job resumes from the "
+                                            "newest complete one")
+    p.add_argument("--save-every", type=int, default=0, help="save every K steps (and after the last); 0: after "
+                                                             "the last only")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --checkpoint-dir (the newest)")
+    p.add_argument("--resume", help="load this checkpoint (or the newest in this folder of them) before training")
     p.add_argument("--verify", action="store_true",
                    help="before training, compare one forward/backward with the unsharded model (built whole on "
                         "every rank: use a small config of the architecture); exit 1 if the losses differ")
@@ -141,7 +186,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _init_distributed(world: int) -> int:
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart: without a fresh prefix the new ranks can read the dead ones'
+            # addresses and fail to connect (pytorch/pytorch#135712)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"restart_{restart}", store),
+                                    rank=int(os.environ["RANK"]), world_size=world)
+        else:
+            dist.init_process_group(backend)
     return dist.get_rank() if world > 1 else 0
 
 

@@ -32,11 +32,13 @@ foreign checkpoint is refused with the same message on every rank and nothing is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +369,14 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it saves or loads in one process: that is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -389,7 +399,8 @@ def save_checkpoint(parallel: Any, root: str | Path, *, step: int, extra: dict |
     _barrier()
     tensors = state_dict(parallel, loading=False).tensors
     tensors[f"rng.{_rank()}"] = torch.get_rng_state()
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_initialized())
     _barrier()  # every rank's files are on disk
     if _rank() == 0:
         _write_manifest(tmp, step=step, extra=extra or {}, parallel=parallel)
@@ -486,7 +497,8 @@ def load_checkpoint(parallel: Any, path: str | Path) -> Resumed:
     rng = None
     if manifest.get("layout") == parallel.layout and manifest.get("world_size") == _world():
         rng = state.tensors[f"rng.{_rank()}"] = torch.empty_like(torch.get_rng_state())
-    dcp.load(state.tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.load(state.tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())
     for fix in state.after_load:
         fix()
     if rng is not None:
@@ -568,7 +580,8 @@ def export_state_dict(path: str | Path) -> dict[str, Tensor]:
     stored = reader.read_metadata().state_dict_metadata
     weights = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in stored.items()
                if key.startswith("model.")}
-    dcp.load(weights, storage_reader=reader, no_dist=True)
+    with _quiet():
+        dcp.load(weights, storage_reader=reader, no_dist=True)
     out = {key[len("model."):]: t for key, t in weights.items()}
     for alias, name in manifest.get("tied", {}).items():
         out[alias] = out[name]

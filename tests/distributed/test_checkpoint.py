@@ -1,6 +1,7 @@
 """Sharded checkpoints (transforms/checkpoint.py) in real multi-process runs (gloo on CPU): a checkpoint saved at
 step 3 under one layout resumes under another layout and world size, and steps 4-6 give the uninterrupted
-run's losses (1e-5 relative); unsharded weights go in from a .safetensors file and come out bit for bit.
+run's losses (1e-5 relative); unsharded weights go in from a .safetensors file and come out bit for bit; a rank
+killed under torchrun loses nothing; a damaged checkpoint is refused.
 
 Three launches (4, 2 and 1 ranks) run all cases, each a list of jobs in one process group
 (checkpoint_worker.py), to keep the suite's time: ranks start once per world size, not once per case."""
@@ -8,6 +9,9 @@ Three launches (4, 2 and 1 ranks) run all cases, each a list of jobs in one proc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from spawn import spawn
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+TRAIN = Path(__file__).resolve().parents[2] / "examples" / "train.py"
 
 
 def run_jobs(jobs: list[dict], nproc: int) -> dict[int, dict[int, float]]:
@@ -82,3 +87,38 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
     assert exported.keys() == weights.keys()
     for name, value in weights.items():
         assert torch.equal(exported[name], value), name
+
+
+def test_a_killed_rank_resumes_under_torchrun_with_nothing_lost(tmp_path):
+    """torchrun --max-restarts=1: rank 1 SIGKILLs itself inside step 3's forward (once: a marker file); the job
+    restarts from the step-2 checkpoint and every step's loss equals the uninterrupted run's. Then a truncated
+    shard in the newest checkpoint is refused (exit 2, the file named, nothing written)."""
+    args = ["--model", str(SPECS / "tiny_llama.yaml"), "--layout", "dp=2,zero=1", "--steps", "6", "--seed", "7"]
+    plain = spawn([str(TRAIN), *args, "--checkpoint-dir", str(tmp_path / "plain"), "--keep", "1"], 2)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "plain").iterdir()] == ["step_00000006"]  # saved at the end, keep 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOSHARD_TEST_KILL_AT_STEP": "3",
+           "AUTOSHARD_TEST_KILL_MARKER": str(tmp_path / "killed")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           str(TRAIN), *args, "--checkpoint-dir", str(tmp_path / "ckpt"), "--save-every", "2"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert (tmp_path / "killed").exists() and "resumed from" in killed.stderr and "step_00000002" in killed.stderr
+    assert last_losses(killed.stdout) == last_losses(plain.stdout)
+
+    newest = tmp_path / "ckpt" / "step_00000006"
+    shard = newest / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "ckpt").rglob("*"))
+    refused = subprocess.run([sys.executable, str(TRAIN), *args[:2], "--steps", "8", "--resume", str(tmp_path / "ckpt"),
+                              "--checkpoint-dir", str(tmp_path / "ckpt")], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 2 and "__1_0.distcp" in refused.stderr and "truncated" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "ckpt").rglob("*")) == before
+
+
+def last_losses(stdout: str) -> dict[int, float]:
+    """The loss of each step as last printed (a restarted job prints the steps after its checkpoint again)."""
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {row["step"]: row["loss"] for row in rows}
