@@ -46,16 +46,17 @@ def unsharded_weights(spec: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
-    """Saved under tp=2,dp=2 (ZeRO-1 over DTensor shards), pp=2,dp=2 (ZeRO-2), dp=4 (ZeRO-3), cp=2,dp=2 (DDP)
-    on 4 ranks and ep=2,dp=2 (MoE) on 2; resumed on 2 ranks under pp=2, tp=2, dp=2 ZeRO-1, dp=2 ZeRO-3, and on
-    1 rank (tp=2,dp=2 -> pp=2 -> dp=1, and the MoE). Also: tiny GPT's weights (tied embeddings, biases) from a
-    .safetensors file into tp=2,pp=2 (each stage its part, the tied head on the last), saved, exported: equal
-    to the file bit for bit, under the unsharded model's names."""
+    """Saved at step 3 under tp=2,dp=2 (ZeRO-1 over DTensor shards), pp=2,dp=2 (ZeRO-2), dp=4 (ZeRO-3),
+    cp=2,dp=2 (DDP) and, for the MoE, ep=2,dp=4 (ZeRO-1 slices of the experts over their 2 replicas) on 4 ranks;
+    resumed on 2 ranks under pp=2, tp=2, dp=2 ZeRO-1, dp=2 ZeRO-3 and ep=2,dp=2 ZeRO-3 (saved again there at
+    once), and on 1 rank (tp=2,dp=2 -> pp=2 -> dp=1, and the MoE's ep=2,dp=2 -> dp=1). Also: tiny GPT's weights
+    (tied embeddings, biases) from a .safetensors file into tp=2,pp=2 (each stage its part, the tied head on the
+    last), saved, exported: equal to the file bit for bit, under the unsharded model's names."""
     from safetensors.torch import save_file
 
     from autoshard.transforms.checkpoint import export_state_dict
 
-    d = {k: str(tmp_path / k) for k in ("tp", "pp", "dp", "cp", "ep", "tp_pp2", "ep_dp1", "gpt")}
+    d = {k: str(tmp_path / k) for k in ("tp", "pp", "dp", "cp", "ep4", "ep", "tp_pp2", "gpt")}
     weights = unsharded_weights("tiny_gpt", seed=11)
     save_file({k: v.contiguous() for k, v in weights.items() if k != "output.weight"} | {
         "output.weight": weights["output.weight"].clone()}, tmp_path / "gpt.safetensors")
@@ -64,6 +65,7 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
         {"model": "tiny_llama", "layout": "pp=2,dp=2,zero=2", "save": d["pp"]},
         {"model": "tiny_llama", "layout": "dp=4,zero=3", "save": d["dp"]},
         {"model": "tiny_llama", "layout": "cp=2,dp=2,zero=0", "save": d["cp"]},
+        {"model": "tiny_moe", "layout": "ep=2,dp=4,zero=1", "save": d["ep4"]},
         {"model": "tiny_gpt", "layout": "tp=2,pp=2", "weights": str(tmp_path / "gpt.safetensors"), "save": d["gpt"]},
     ], 4)
     two = run_jobs([
@@ -71,7 +73,7 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
         {"model": "tiny_llama", "layout": "tp=2", "resume": d["pp"]},
         {"model": "tiny_llama", "layout": "dp=2,zero=1", "resume": d["dp"]},
         {"model": "tiny_llama", "layout": "dp=2,zero=3", "resume": d["cp"]},
-        {"model": "tiny_moe", "layout": "ep=2,dp=2,zero=1", "save": d["ep"]},
+        {"model": "tiny_moe", "layout": "ep=2,dp=2,zero=3", "resume": d["ep4"], "save": d["ep"]},
     ], 2)
     one = run_jobs([
         {"model": "tiny_llama", "layout": "dp=1", "resume": d["tp_pp2"]},
@@ -82,7 +84,8 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
         want = [fresh[saved][s] for s in later]
         assert [two[job][s] for s in later] == pytest.approx(want, rel=1e-5), f"job {job} resumed from {saved}"
     assert [one[0][s] for s in later] == pytest.approx([fresh[0][s] for s in later], rel=1e-5)
-    assert [one[1][s] for s in later] == pytest.approx([two[4][s] for s in later], rel=1e-5)
+    assert [two[4][s] for s in later] == pytest.approx([fresh[4][s] for s in later], rel=1e-5)
+    assert [one[1][s] for s in later] == pytest.approx([fresh[4][s] for s in later], rel=1e-5)
     exported = export_state_dict(d["gpt"])
     assert exported.keys() == weights.keys()
     for name, value in weights.items():
