@@ -22,6 +22,8 @@ after the last (DIR/step_N, complete or absent, under the unsharded model's name
 and GPU count), keeping the newest N. A job started again with the same command (torchrun --max-restarts after
 a rank died) continues from the newest complete checkpoint in DIR; `--resume PATH` loads a given checkpoint
 (or the newest in a folder of them). A missing, damaged or foreign checkpoint exits with 2, nothing written.
+`--precision bf16` computes in bf16 with fp32 master weights and fp32 gradient reduction (FSDP2, zero 2 or 3;
+transforms/precision.py); the default is fp32.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main() -> int:
                             f"micro-batch({layout.mbs})")
         rank = _init_distributed(world)
         parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                split=split)
+                                split=split, precision=args.precision)
         start, position = _resume(parallel, args, rank)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -172,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="a plan .yaml to run instead of --layout")
     p.add_argument("--stage-split", help="blocks per pipeline chunk (pp x vpp numbers), e.g. 1,3; even if not given")
     p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bf16 compute, fp32 master weights and gradient reduction (needs zero 2 or 3)")
     p.add_argument("--checkpoint-dir", help="save checkpoints here (DIR/step_N); a restarted job resumes from the "
                                             "newest complete one")
     p.add_argument("--save-every", type=int, default=0, help="save every K steps (and after the last); 0: after "

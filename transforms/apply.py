@@ -41,6 +41,7 @@ from .dp import apply_dp, apply_dp_to_chunks
 from .ep import ExpertShards, apply_ep, check_ep, merge_expert_shards
 from .init import clean_fqn, is_meta, materialize, tied_aliases, unregrouped
 from .pp import PipelineChunk, TiedGradients, build_schedule, chunk_specs, split_from_units, split_model
+from .precision import check_precision, mixed_precision_policy
 from .tp import apply_tp, check_tp
 
 BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
@@ -169,15 +170,22 @@ def axis_meshes(root: DeviceMesh) -> Meshes:
 
 def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | DeviceMesh | None = None,
                  recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None,
-                 split: list[int] | None = None) -> ParallelModel:
+                 split: list[int] | None = None, precision: str = "fp32") -> ParallelModel:
     """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
     with meta parameters (transforms/init.py) gets its shards allocated and initialised from `seed`.
     `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices).
-    `split`: blocks per pipeline chunk (pp x vpp of them; the plan's stage split), even when None."""
+    `split`: blocks per pipeline chunk (pp x vpp of them; the plan's stage split), even when None.
+    `precision`: "fp32", or "bf16": bf16 compute, fp32 master weights and gradient reduction (FSDP2's
+    mixed precision, zero 2-3: transforms/precision.py)."""
     meta = is_meta(model)
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
     check_layout(model, layout, graph=graph)
+    try:
+        check_precision(precision, layout)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    mp_policy = mixed_precision_policy(precision)
     identity = {"fingerprint": fingerprint_of(model), "layout": layout.to_string()}
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
@@ -185,12 +193,12 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         mesh = axis_meshes(mesh)
     if layout.pp > 1:
         return apply_pipeline(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed,
-                              split=split, identity=identity)
+                              split=split, identity=identity, mp_policy=mp_policy)
     device = device_for_rank()
     if not meta:
         model.to(device)
     blocks = [b.name for b in graph.blocks]
-    split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh)
+    split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh, mp_policy=mp_policy)
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
     apply_ac(model, blocks=blocks, modes=modes)
     replicas = layout.dp * layout.cp  # ZeRO shards over dp x cp; the cp ranks hold the same weights
@@ -198,7 +206,7 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         materialize(model, device, seed)
     if replicas > 1:
         model, optimizer = apply_dp(model, zero=layout.zero, blocks=blocks, lr=lr, mesh=mesh["dp_cp"],
-                                    sparse_grads=any(b.moe for b in graph.blocks),
+                                    sparse_grads=any(b.moe for b in graph.blocks), mp_policy=mp_policy,
                                     exclude=experts.names if experts is not None else frozenset())
         if experts is not None:  # reduced over the ranks holding the same experts only (transforms/ep.py)
             optimizer = experts.optimizer(optimizer, lr=lr)
@@ -226,8 +234,8 @@ def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None
         raise UserError(str(exc)) from exc
 
 
-def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph,
-                         mesh: Meshes | None) -> tuple[BatchSplit, ExpertShards | None]:
+def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | None,
+                         mp_policy=None) -> tuple[BatchSplit, ExpertShards | None]:
     """TP/SP -> CP -> EP on `model` (the whole model, or a pipeline chunk's cut-down copy); returns the batch
     split (CP's) and this rank's experts (EP's)."""
     split_batch: BatchSplit = whole_batch
@@ -238,7 +246,8 @@ def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph,
         if layout.cp > 1:  # after TP: the attention modules keep their names, their k/v are this rank's heads
             split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph)
         if layout.ep > 1:  # before recompute and DP: those wrap and shard the final (local) experts
-            experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero)
+            experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero,
+                               mp_policy=mp_policy)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     return split_batch, experts
@@ -313,7 +322,7 @@ def _plain(t: Tensor) -> Tensor:
 
 def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes,
                    recompute: dict[str, str] | None, lr: float, seed: int | None,
-                   split: list[int] | None, identity: dict[str, str]) -> PipelineParallelModel:
+                   split: list[int] | None, identity: dict[str, str], mp_policy=None) -> PipelineParallelModel:
     """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
     all of this rank's chunks."""
     device = device_for_rank()
@@ -330,7 +339,8 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh) for chunk in chunks]
+    parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh, mp_policy=mp_policy)
+             for chunk in chunks]
     split_batch = parts[0][0]
     experts = merge_expert_shards([e for _, e in parts if e is not None])
     names = [b.name for b in graph.blocks]
@@ -347,7 +357,8 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
             materialize(chunk, device, seed, aliases)
     if replicas > 1:
         optimizer = apply_dp_to_chunks(chunks, zero=layout.zero, blocks=blocks, mesh=mesh["dp_cp"], lr=lr,
-                                       exclude=experts.names if experts is not None else frozenset())
+                                       exclude=experts.names if experts is not None else frozenset(),
+                                       mp_policy=mp_policy)
         if experts is not None:
             optimizer = experts.optimizer(optimizer, lr=lr)
     else:
@@ -366,8 +377,10 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,
-               seed: int | None = None) -> ParallelModel:
-    """Shard `model` as `plan` says on the current process group (see `apply_layout` for `seed`)."""
+               seed: int | None = None, precision: str = "fp32") -> ParallelModel:
+    """Shard `model` as `plan` says on the current process group (see `apply_layout` for `seed`).
+    `precision`: "fp32" (the default: CPU runs and checks), "bf16", or "plan" for the plan's training
+    precision (transforms/precision.py)."""
     layout = plan.layout_obj()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if plan.gpus != world:
@@ -378,7 +391,10 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
         raise UserError(f"the plan was made for another model ({plan.model['name']}, fingerprint "
                         f"{plan.model['fingerprint']}); this one has fingerprint {fingerprint(graph)}. Re-plan it.")
     recompute, split = plan_choices(plan, graph)
-    return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed, split=split)
+    if precision == "plan":
+        precision = plan.training.get("precision", "fp32")
+    return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed, split=split,
+                        precision=precision)
 
 
 def plan_choices(plan: Plan, graph: ModelGraph) -> tuple[dict[str, str], list[int] | None]:

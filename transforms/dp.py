@@ -134,7 +134,7 @@ def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: float = 1e-3,
              weight_decay: float = 0.0, sparse_grads: bool = False,
-             exclude: frozenset[str] = frozenset()) -> tuple[nn.Module, object]:
+             exclude: frozenset[str] = frozenset(), mp_policy=None) -> tuple[nn.Module, object]:
     """Wrap `model` for data parallelism at ZeRO stage `zero`; returns the model and its AdamW optimizer.
 
     `blocks`: FQNs of the repeated blocks (FSDP2 shards each as one unit, then the root).
@@ -144,6 +144,7 @@ def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: f
     `exclude`: unwrapped names of parameters reduced and stepped elsewhere (expert parallelism's experts,
     data-parallel over their own group, transforms/ep.py): left out of DDP and of the returned optimizer;
     under FSDP2 they must already be fully_shard-ed on their own mesh.
+    `mp_policy`: FSDP2's MixedPrecisionPolicy (zero 2-3; transforms/precision.py), or None for fp32.
     """
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
@@ -160,7 +161,8 @@ def apply_dp(model: nn.Module, *, zero: int, blocks: list[str], mesh=None, lr: f
                 return model, torch.optim.AdamW(_kept(model, exclude), **adamw)
         return model, ShardedAdamW(_kept(model, exclude), group=group, reduce_grads=tensor_parallel,
                                    shard=zero == 1, **adamw)
-    _fully_shard(model, [model.get_submodule(fqn) for fqn in blocks], mesh=mesh, reshard=zero == 3)
+    _fully_shard(model, [model.get_submodule(fqn) for fqn in blocks], mesh=mesh, reshard=zero == 3,
+                 mp_policy=mp_policy)
     return model, torch.optim.AdamW(_kept(model, exclude), **adamw)
 
 
@@ -169,7 +171,7 @@ def _kept(model: nn.Module, exclude: frozenset[str]) -> list[nn.Parameter]:
 
 
 def apply_dp_to_chunks(chunks: list[nn.Module], *, zero: int, blocks: list[nn.Module], mesh, lr: float = 1e-3,
-                       weight_decay: float = 0.0, exclude: frozenset[str] = frozenset()) -> object:
+                       weight_decay: float = 0.0, exclude: frozenset[str] = frozenset(), mp_policy=None) -> object:
     """Data parallelism for the pipeline chunks of one rank; returns their optimizer. The schedule runs each
     chunk's backward once per micro-batch, so zero 0 and 1 reduce the gradients once, in the optimizer step
     (`ShardedAdamW`), not in DDP's per-backward hooks; zero 2 and 3 are FSDP2 per chunk, whose last-backward
@@ -181,13 +183,15 @@ def apply_dp_to_chunks(chunks: list[nn.Module], *, zero: int, blocks: list[nn.Mo
         return ShardedAdamW(params, group=mesh.get_group(), reduce_grads=True, shard=zero == 1, **adamw)
     for chunk in chunks:
         inside = {id(m) for m in chunk.modules()}
-        _fully_shard(chunk, [b for b in blocks if id(b) in inside], mesh=mesh, reshard=zero == 3)
+        _fully_shard(chunk, [b for b in blocks if id(b) in inside], mesh=mesh, reshard=zero == 3, mp_policy=mp_policy)
     return torch.optim.AdamW([p for chunk in chunks for p in _kept(chunk, exclude)], **adamw)
 
 
-def _fully_shard(root: nn.Module, blocks: list[nn.Module], *, mesh, reshard: bool) -> None:
+def _fully_shard(root: nn.Module, blocks: list[nn.Module], *, mesh, reshard: bool, mp_policy=None) -> None:
     """FSDP2: each block one unit (gathered just before it runs), then the root (embeddings, norm, head)."""
     kwargs = {"mesh": mesh} if mesh is not None else {}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(root, reshard_after_forward=reshard, **kwargs)

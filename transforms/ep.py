@@ -308,10 +308,12 @@ def merge_expert_shards(parts: list[ExpertShards]) -> ExpertShards | None:
                         stacked={k: v for p in parts for k, v in (p.stacked or {}).items()})
 
 
-def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, zero: int) -> ExpertShards:
+def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, zero: int,
+             mp_policy=None) -> ExpertShards:
     """Shard every MoE layer's experts over `ep` consecutive ranks of the data-parallel `mesh` (dp x cp);
     under zero 2-3, FSDP2-shard them over their replicas. Non-local experts are deleted (never allocated
-    when the model is on meta). Call before recompute wrapping and DP (transforms/apply.py)."""
+    when the model is on meta). Call before recompute wrapping and DP (transforms/apply.py). `mp_policy`: the
+    FSDP2 mixed-precision policy of the whole model (transforms/precision.py), or None for fp32."""
     replicas = mesh.size()
     layers = [u.moe for u in graph.units if u.moe is not None]
     _check(layers, ep, replicas, zero)
@@ -343,7 +345,8 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
         local += experts.local()
     if zero >= 2:
         for expert in local:
-            fully_shard(expert, mesh=edp_mesh, reshard_after_forward=zero == 3)
+            fully_shard(expert, mesh=edp_mesh, reshard_after_forward=zero == 3,
+                        **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     owned = {id(p) for m in local for p in m.parameters()}
     names = frozenset(clean_fqn(n) for n, p in model.named_parameters() if id(p) in owned)
     return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero, stacked=stacked)

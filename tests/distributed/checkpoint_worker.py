@@ -3,7 +3,7 @@ other in the same process group, each on a fresh model under its own layout, and
 JSON lines {"job": i, "step": s, "loss": x}.
 
 A job is {"model": spec name, "layout": layout keys, "save": dir | null, "resume": dir | null,
-"weights": .safetensors | null}. Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
+"weights": .safetensors | null, "precision": "fp32" | "bf16"}. Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
 step 3); with it, it loads that checkpoint (saved under another layout), saves it again at once under its own
 layout if "save" is given, and trains steps 3-5. With "weights" it loads the unsharded weights from that file
 into its shards, saves them (step 0) and trains nothing."""
@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.planner.capture.reference_model import build_reference_model
@@ -31,7 +33,9 @@ def run(index: int, job: dict) -> None:
     with meta_parameters():
         model = build_reference_model(load_spec(SPECS / f"{job['model']}.yaml")[0])
     partial = {"zero": 0, "mbs": 1} | parse_layout(job["layout"])
-    parallel = apply_layout(model, complete(partial, dist.get_world_size()), graph=capture(model, 1, SEQ), seed=SEED)
+    parallel = apply_layout(model, complete(partial, dist.get_world_size()), graph=capture(model, 1, SEQ), seed=SEED,
+                            precision=job.get("precision", "fp32"))
+    probe = dtypes(parallel.module) if job.get("precision") else None
     if job.get("weights"):
         parallel.load_weights(job["weights"])
         parallel.save(job["save"], step=0)
@@ -45,8 +49,30 @@ def run(index: int, job: dict) -> None:
         loss = parallel.train_step(synthetic_batch(seed=SEED, step=step, batch=BATCH, seq_len=SEQ, vocab=256))
         if dist.get_rank() == 0:
             print(json.dumps({"job": index, "step": step, "loss": loss}), flush=True)
+            if probe is not None and step == start:
+                print(json.dumps({"job": index, "dtypes": probe | master(parallel.module)}), flush=True)
         if step + 1 == SAVE_AT and job.get("save") and not job.get("resume"):
             parallel.save(job["save"], step=SAVE_AT)
+
+
+def dtypes(module: nn.Module) -> dict[str, str]:
+    """The dtypes the first Linear computes with, filled in by its forward (a hook, for mixed precision)."""
+    seen: dict[str, str] = {}
+    linear = next(m for m in module.modules() if isinstance(m, nn.Linear))
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        seen.update(input=str(args[0].dtype), weight=str(mod.weight.dtype), output=str(out.dtype))
+
+    linear.register_forward_hook(hook)
+    return seen
+
+
+def master(module: nn.Module) -> dict[str, str]:
+    """The dtypes of the parameters the optimizer steps, of their gradients, and FSDP2's reduce dtype."""
+    p = next(module.parameters())
+    state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+    return {"master": str(p.dtype), "grad": str(p.grad.dtype),
+            "reduce": str(state._mp_policy.reduce_dtype) if state is not None else "none"}
 
 
 dist.init_process_group("gloo")

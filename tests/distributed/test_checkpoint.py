@@ -23,15 +23,19 @@ SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "train.py"
 
 
-def run_jobs(jobs: list[dict], nproc: int) -> dict[int, dict[int, float]]:
-    """Losses by job and step."""
+def run_jobs(jobs: list[dict], nproc: int, *, probes: bool = False) -> dict[int, dict]:
+    """Losses by job and step (and, with `probes`, the dtypes a bf16 job reported under "dtypes")."""
     out = spawn([str(WORKER), json.dumps(jobs)], nproc)
     assert out.returncode == 0, out.stderr[-3000:]
-    losses: dict[int, dict[int, float]] = {}
+    losses: dict[int, dict] = {}
     for line in out.stdout.splitlines():
         if line.startswith("{"):
             row = json.loads(line)
-            losses.setdefault(row["job"], {})[row["step"]] = row["loss"]
+            if "dtypes" in row:
+                assert probes, row
+                losses.setdefault(row["job"], {})["dtypes"] = row["dtypes"]
+            else:
+                losses.setdefault(row["job"], {})[row["step"]] = row["loss"]
     return losses
 
 
