@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "newest complete one")
     p.add_argument("--save-every", type=int, default=0, help="save every K steps (and after the last); 0: after "
                                                              "the last only")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --checkpoint-dir (the newest)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --checkpoint-dir, the newest (0: all)")
     p.add_argument("--resume", help="load this checkpoint (or the newest in this folder of them) before training")
     p.add_argument("--verify", action="store_true",
                    help="before training, compare one forward/backward with the unsharded model (built whole on "
