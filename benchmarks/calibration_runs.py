@@ -50,6 +50,9 @@ Rules
 3. Training. global_batch = `global_batch_sequences`, else global_batch_tokens / seq_len (skipped when
    neither gives a whole number); precision "fp8" when the text mentions FP8 / MXFP8 / Float8
    (case-insensitive), else "bf16" (a null or "mixed (16-bit)" text is recorded as an assumption).
+   c. grad_reduce: bf16 when the notes say "performance recipe" (Megatron-Bridge: its performance recipes
+      set grad_reduce_in_fp32=False, as NeMo 2's pretrain_recipe_performance does); else the framework's
+      default (Megatron: fp32 main gradients, Megatron-LM arguments.py for bf16).
    b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline);
       else by source family: Megatron-LM/Core for SC'21, Korthikanti, the Megatron-Core README, NeMo,
       Megatron-Bridge and MegaScale; torchtitan; torch (PyTorch FSDP through Composer) for llm-foundry;
@@ -460,8 +463,13 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
         attention = "unfused"
         notes.append("attention=unfused: Megatron-LM of 2021-22 ran scale-mask-softmax over the full score "
                      "matrix; FlashAttention (2022) came later")
+    grad_reduce = None
+    if "performance recipe" in str(entry.get("notes", "")).lower():
+        grad_reduce = "bf16"
+        notes.append("grad_reduce=bf16: NeMo 2 / Megatron-Bridge performance recipes turn grad_reduce_in_fp32 "
+                     "off (e.g. NeMo nemo/collections/llm/recipes/gpt3_175b.py pretrain_recipe_performance)")
     return Training(global_batch=int(gbs), seq_len=seq_len, precision=precision, attention=attention,
-                    framework=_framework(entry, notes))
+                    framework=_framework(entry, notes), grad_reduce=grad_reduce)
 
 
 _GROUP_FRAMEWORK = {

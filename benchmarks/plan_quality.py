@@ -187,7 +187,10 @@ def evaluate(run: CalibrationRun) -> Row:
     profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
     run = fitting_layout(run, graph, profile)
     published = estimate(graph, run.layout, run.training, profile)
-    result = search(graph, run.layout.gpus, run.training, profile)
+    # async TP is a runtime feature the search does not try on its own: where the run had it, both the
+    # planner's search and the published degrees' get it
+    features = {"async_tp": True} if run.layout.async_tp else {}
+    result = search(graph, run.layout.gpus, run.training, profile, fixed=features or None)
     planned = result.best or result.closest
     row = Row(run=run, published=published, result=result, planned=planned, planned_fits=result.best is not None,
               outside=outside_space(run, graph, profile))
@@ -195,7 +198,7 @@ def evaluate(run: CalibrationRun) -> Row:
     if row.same_tuple:
         row.fixed_probe, row.fixed_probe_note = planned, "the planner's own choice"
     else:
-        fixed = {"tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "ep": lay.ep, "dp": lay.dp}
+        fixed = {"tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "ep": lay.ep, "dp": lay.dp, **features}
         probe = search(graph, lay.gpus, run.training, profile, fixed=fixed)
         row.fixed_probe = probe.best
         row.fixed_probe_note = (f"{probe.tuples} tuple(s), {probe.priced} priced, {probe.pruned} pruned, "

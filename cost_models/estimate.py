@@ -117,9 +117,11 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     parts = [_stage_time(s, layout, training, profile, groups, tokens, m, fw) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp)
-    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw)
+    grad_bytes = training.grad_bytes(fw.grad_bytes)
+    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw, grad_bytes)
     step = pipe + dp_exposed + opt
-    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw) for i, s in enumerate(stages)]
+    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw, grad_bytes)
+            for i, s in enumerate(stages)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
@@ -180,7 +182,8 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
         if key not in priced:
             priced[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
                                     tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name],
-                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm)
+                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm,
+                                    tp_overlap=fw.tp_bwd_overlap)
         for kind, value in priced[key].items():
             out[kind] += value
     if layout.pp > 1:
@@ -200,19 +203,28 @@ def _cost_key(w: UnitWork) -> tuple | int:
 
 def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
               groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str,
-              kernel_efficiency: float = 1.0, cp_comm: str = "ring") -> dict[str, float]:
-    """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives)."""
+              kernel_efficiency: float = 1.0, cp_comm: str = "ring", tp_overlap: bool = False) -> dict[str, float]:
+    """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives).
+    `tp_overlap`: the framework overlaps the column-parallel linears' backward collectives with their
+    backward GEMMs (framework.tp_bwd_overlap)."""
     tp, cp, sp = layout.tp, layout.cp, layout.sp
     hidden_bytes = tokens / cp * hidden * ACT_BYTES
     t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision, recompute=recompute,
                      profile=profile, ep=layout.ep, attention=training.attention,
                      kernel_efficiency=kernel_efficiency, cp_comm=cp_comm)
     out = {"compute": t.fwd_s + t.bwd_s - t.recompute_s, "recompute": t.recompute_s}
-    tp_t = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"])
+    exposed, overlappable = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"], recompute)
+    slow = profile.overlap_slowdown - 1
     if layout.async_tp and w.kind == "block":
         # collectives split against the GEMMs they feed, forward and backward (3x the forward GEMMs)
-        gemms = 3 * t.gemm_fwd_s
-        tp_t = max(0.0, tp_t - gemms) + (profile.overlap_slowdown - 1) * min(tp_t, gemms)
+        tp_t, gemms = exposed + overlappable, 3 * t.gemm_fwd_s
+        tp_t = max(0.0, tp_t - gemms) + slow * min(tp_t, gemms)
+    elif tp_overlap:
+        # the column-parallel linears' dgrad and wgrad GEMMs (about the block's forward GEMM time) hide them
+        gemms = t.gemm_fwd_s
+        tp_t = exposed + max(0.0, overlappable - gemms) + slow * min(overlappable, gemms)
+    else:
+        tp_t = exposed + overlappable
     out["tp_comm"] = tp_t
     out["ep_comm"] = 0.0
     if w.moe_top_k and layout.ep > 1:
@@ -248,21 +260,28 @@ def _hidden(stage: _Stage) -> int:
     return int(max((w.input_bytes for w in stage.units), default=0) // ACT_BYTES)
 
 
-def _tp_comm(w: UnitWork, hidden_bytes: float, layout: Layout, profile: Profile, group: comm.Group) -> float:
-    """Megatron TP per block: with SP, forward all-gather + reduce-scatter around attention and MLP (4),
-    backward the same (4) plus the all-gathers redone for weight gradients (2); without SP, two
-    all-reduces forward and two backward (Korthikanti et al., Sec. 4.2.2). Embedding and head: vocab-
-    parallel, one collective each way."""
+def _tp_comm(w: UnitWork, hidden_bytes: float, layout: Layout, profile: Profile, group: comm.Group,
+             recompute: str = "none") -> tuple[float, float]:
+    """(always exposed, overlappable) TP seconds per block and micro-batch (Korthikanti et al., Sec. 4.2.2).
+    With SP: forward, an all-gather before and a reduce-scatter after attention and the MLP (4); backward,
+    the row-parallel linears' all-gathers of the output gradient (2), exposed, and for the column-parallel
+    linears the input all-gathered again for the weight gradient and the input gradient reduce-scattered
+    (4), which Megatron overlaps with the dgrad and wgrad GEMMs. Without SP: two all-reduces forward, two
+    backward (the column-parallel ones, overlappable with wgrad). Full recompute redoes the forward's.
+    Embedding and head: vocab-parallel, one collective each way."""
     if layout.tp == 1:
-        return 0.0
+        return 0.0, 0.0
     if w.kind == "block":
+        fwd = 2 if recompute == "full" else 1
         if layout.sp:
-            return 10 * comm.all_gather(hidden_bytes, group, profile)
-        return 4 * comm.all_reduce(hidden_bytes, group, profile)
+            one = comm.all_gather(hidden_bytes, group, profile)
+            return (4 * fwd + 2) * one, 4 * one
+        one = comm.all_reduce(hidden_bytes, group, profile)
+        return 2 * fwd * one, 2 * one
     if w.kind in ("embedding", "head"):
         one = comm.all_gather if layout.sp else comm.all_reduce
-        return 2 * one(hidden_bytes, group, profile)
-    return 0.0
+        return 2 * one(hidden_bytes, group, profile), 0.0
+    return 0.0, 0.0
 
 
 def _stage_params(stage: _Stage, layout: Layout) -> tuple[float, float]:
@@ -304,7 +323,7 @@ def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str,
 
 
 def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,
-                   groups: dict[str, comm.Group], m: int, fw: Framework) -> tuple[float, float]:
+                   groups: dict[str, comm.Group], m: int, fw: Framework, grad_bytes: float) -> tuple[float, float]:
     """(exposed DP communication, optimizer step) in seconds, the slowest stage's."""
     exposed, opt = 0.0, 0.0
     for stage, part in zip(stages, parts, strict=True):
@@ -314,7 +333,7 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
         if layout.zero < 3:
             for params, group in shards:
                 # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
-                nbytes = params * fw.grad_bytes
+                nbytes = params * grad_bytes
                 buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
                 if layout.zero == 0:
                     t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
@@ -336,11 +355,11 @@ def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: 
 
 
 def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int, tokens: float,
-                  attention: str, fw: Framework) -> memory.StageMemory:
+                  attention: str, fw: Framework, grad_bytes: float) -> memory.StageMemory:
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
-        w, g, o = memory.model_states(params, zero=layout.zero, shards=shards, grad_bytes=fw.grad_bytes)
+        w, g, o = memory.model_states(params, zero=layout.zero, shards=shards, grad_bytes=grad_bytes)
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
     held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}

@@ -46,6 +46,9 @@ class Framework:
     """The ZeRO stages the framework runs (0: replicated DDP)."""
     interleaved: bool
     """Whether it runs the interleaved (virtual-stage) pipeline schedule, vpp > 1."""
+    tp_bwd_overlap: bool = False
+    """The column-parallel linears' backward collectives (input all-gather for wgrad, dgrad reduce-scatter
+    or all-reduce) run asynchronously under their dgrad/wgrad GEMMs (Megatron-Core's and TE's linears)."""
     zero_with_pp: int = 3
     """The highest ZeRO stage it combines with pipeline parallelism."""
     kernel_efficiency: float
@@ -74,9 +77,11 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, zero_stages=(0, 1, 3), interleaved=True,
+        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, zero_stages=(0, 1, 3), interleaved=True, tp_bwd_overlap=True,
         kernel_efficiency=1.0, prior=1.0,
         source="Megatron-Core: DDP, distributed optimizer (ZeRO-1) or Megatron-FSDP (ZeRO-3), no ZeRO-2; "
+               "LinearWithGradAccumulationAndAsyncCommunication (and TE's Linear) launch the backward input "
+               "all-gather before the dgrad GEMM and the dgrad reduce-scatter before the wgrad GEMM; "
                "selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
                "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
                "of max(40M, 1M x dp) parameters; fp32 gradient buffers reduced in fp32: Megatron-LM's "

@@ -99,6 +99,9 @@ class Training:
     framework: str = "torch"
     """What runs the layout (cost_models/framework.py): torch (apply_plan, the default), torchtitan,
     megatron, deepspeed or nanotron."""
+    grad_reduce: str | None = None
+    """Gradient buffer and reduction dtype, fp32 or bf16; None: the framework's default (Megatron fp32,
+    `--grad-reduce-in-bf16` / grad_reduce_in_fp32=False make it bf16)."""
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.seq_len < 1:
@@ -108,12 +111,18 @@ class Training:
         from .framework import get_framework
 
         object.__setattr__(self, "framework", get_framework(self.framework).name)
+        if self.grad_reduce not in (None, "fp32", "bf16"):
+            raise ValueError(f"grad_reduce must be fp32 or bf16, got {self.grad_reduce!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 
     @property
     def tokens(self) -> int:
         return self.global_batch * self.seq_len
+
+    def grad_bytes(self, framework_default: float) -> float:
+        """Bytes per parameter of the gradient buffer (ZeRO 0-2) and of its reduction."""
+        return {"fp32": 4.0, "bf16": 2.0}.get(self.grad_reduce or "", framework_default)
 
 
 def parse_layout(text: str) -> dict[str, Any]:

@@ -107,13 +107,14 @@ class StageILP:
     def _unit_time(self, w: UnitWork, mode: str) -> dict[str, float]:
         return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
                          tokens=self.tokens, hidden=self.hidden, recompute=mode,
-                         kernel_efficiency=self.fw.kernel_efficiency, cp_comm=self.fw.cp_comm)
+                         kernel_efficiency=self.fw.kernel_efficiency, cp_comm=self.fw.cp_comm,
+                         tp_overlap=self.fw.tp_bwd_overlap)
 
     def _states(self, w: UnitWork) -> float:
         """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""
         lay = self.layout
         dense, expert = w.dense_params / lay.tp, w.expert_params / (lay.tp * lay.ep)
-        g = self.fw.grad_bytes
+        g = self.training.grad_bytes(self.fw.grad_bytes)
         total = sum(memory.model_states(dense, zero=lay.zero, shards=lay.dp * lay.cp, grad_bytes=g))
         total += sum(memory.model_states(expert, zero=lay.zero, shards=lay.dp * lay.cp // lay.ep, grad_bytes=g))
         if lay.zero == 3 and lay.pp > 1:

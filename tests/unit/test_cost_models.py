@@ -271,3 +271,35 @@ def test_megatron_keeps_fp32_gradients_6_plus_12_over_d_bytes():
     assert states["torch"]["gradients"] == pytest.approx(2 * params)
     per_param = sum(states["megatron"][k] for k in ("weights", "gradients", "optimizer")) / params
     assert per_param == pytest.approx(6 + 12 / 8)
+
+
+def _tp_block_time(gemm_flops: float, *, recompute: str = "none", overlap: bool = False) -> tuple[float, float]:
+    """(tp_comm of one block and micro-batch, one all-gather of its hidden activations) at tp=8 with SP."""
+    from autoshard.cost_models.estimate import unit_time
+
+    h, tokens = 4096, 4096
+    w = UnitWork(name="b", kind="block", gemm_flops=gemm_flops, gemm_calls=4, attn_flops=0, act_bytes=34 * h,
+                 core_bytes=0, input_bytes=2 * h, dense_params=0, expert_params=0)
+    layout = Layout(tp=8, dp=1)
+    groups = comm.layout_groups(layout)
+    t = unit_time(w, layout=layout, training=Training(global_batch=1, seq_len=tokens), profile=PROFILE,
+                  groups=groups, tokens=tokens, hidden=h, recompute=recompute, tp_overlap=overlap)
+    return t["tp_comm"], comm.all_gather(tokens * h * 2, groups["tp"], PROFILE)
+
+
+def test_tp_collectives_per_block_follow_korthikanti_and_recompute():
+    """SP: 4 collectives forward, 6 backward (Korthikanti et al. Sec. 4.2.2); full recompute redoes the 4."""
+    t, one = _tp_block_time(0.0)
+    assert t == pytest.approx(10 * one)
+    t, one = _tp_block_time(0.0, recompute="full")
+    assert t == pytest.approx(14 * one)
+
+
+def test_megatron_hides_the_column_linears_backward_collectives_under_their_gemms():
+    """With tp_bwd_overlap the input all-gathers for wgrad and the dgrad reduce-scatters (4 of 10) hide
+    behind the backward GEMMs, paying only overlap_slowdown; with no GEMM time to hide under, none hide."""
+    big = 1e13
+    t, one = _tp_block_time(big, overlap=True)
+    slow = FITTED["overlap_slowdown"] - 1
+    assert t == pytest.approx(6 * one + slow * 4 * one)
+    assert _tp_block_time(0.0, overlap=True)[0] == pytest.approx(10 * one)
