@@ -2,7 +2,7 @@
 other in the same process group, each on a fresh model under its own layout, and prints rank 0's losses as
 JSON lines {"job": i, "step": s, "loss": x}.
 
-A job is {"model": spec name, "layout": layout keys, "save": dir | null, "resume": dir | null,
+A job is {"model": spec name or "hf/<tiny config in tests/data/hf>", "layout": layout keys, "save": dir | null, "resume": dir | null,
 "weights": .safetensors | null, "precision": "fp32" | "bf16"}. Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
 step 3); with it, it loads that checkpoint (saved under another layout), saves it again at once under its own
 layout if "save" is given, and trains steps 3-5. With "weights" it loads the unsharded weights from that file
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autoshard.cost_models.layout import complete, parse_layout
+from autoshard.planner.capture.loading import load_model
 from autoshard.planner.capture.reference_model import build_reference_model
 from autoshard.planner.capture.spec import load_spec
 from autoshard.planner.capture.trace import capture
@@ -26,12 +27,24 @@ from autoshard.transforms.apply import apply_layout
 from autoshard.transforms.init import meta_parameters
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+HF = Path(__file__).resolve().parents[2] / "tests" / "data" / "hf"
 SEED, BATCH, SEQ, STEPS, SAVE_AT = 7, 8, 32, 6, 3
 
 
-def run(index: int, job: dict) -> None:
+def build(name: str) -> tuple[nn.Module, int]:
+    """The model with its parameters on meta, and its vocabulary size."""
+    if name.startswith("hf/"):
+        import transformers
+
+        config = load_model(HF / name[3:]).module.config
+        with meta_parameters():
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), config.vocab_size
     with meta_parameters():
-        model = build_reference_model(load_spec(SPECS / f"{job['model']}.yaml")[0])
+        return build_reference_model(load_spec(SPECS / f"{name}.yaml")[0]), 256
+
+
+def run(index: int, job: dict) -> None:
+    model, vocab = build(job["model"])
     partial = {"zero": 0, "mbs": 1} | parse_layout(job["layout"])
     parallel = apply_layout(model, complete(partial, dist.get_world_size()), graph=capture(model, 1, SEQ), seed=SEED,
                             precision=job.get("precision", "fp32"))
@@ -46,7 +59,7 @@ def run(index: int, job: dict) -> None:
         if job.get("save"):
             parallel.save(job["save"], step=start)
     for step in range(start, STEPS):
-        loss = parallel.train_step(synthetic_batch(seed=SEED, step=step, batch=BATCH, seq_len=SEQ, vocab=256))
+        loss = parallel.train_step(synthetic_batch(seed=SEED, step=step, batch=BATCH, seq_len=SEQ, vocab=vocab))
         if dist.get_rank() == 0:
             print(json.dumps({"job": index, "step": step, "loss": loss}), flush=True)
             if probe is not None and step == start:

@@ -53,14 +53,17 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
     """Saved at step 3 under tp=2,dp=2 (ZeRO-1 over DTensor shards), pp=2,dp=2 (ZeRO-2), dp=4 (ZeRO-3),
     cp=2,dp=2 (DDP) and, for the MoE, ep=2,dp=4 (ZeRO-1 slices of the experts over their 2 replicas) on 4 ranks;
     resumed on 2 ranks under pp=2, tp=2, dp=2 ZeRO-1, dp=2 ZeRO-3 and ep=2,dp=2 ZeRO-3 (saved again there at
-    once), and on 1 rank (tp=2,dp=2 -> pp=2 -> dp=1, and the MoE's ep=2,dp=2 -> dp=1). Also: tiny GPT's weights
+    once), and on 1 rank (tp=2,dp=2 -> pp=2 -> dp=1, and the MoE's ep=2,dp=2 -> dp=1). Hugging Face models whose
+    shards are not contiguous in the unsharded tensor: Phi-3 under tp=2 (fused [q|k|v] and gate/up regrouped per
+    rank: 3 and 2 boxes each) and Qwen3-MoE under ep=2 (stacked expert tensors cut per rank), resumed on 1 rank.
+    Also: tiny GPT's weights
     (tied embeddings, biases) from a .safetensors file into tp=2,pp=2 (each stage its part, the tied head on the
     last), saved, exported: equal to the file bit for bit, under the unsharded model's names."""
     from safetensors.torch import save_file
 
     from autoshard.transforms.checkpoint import export_state_dict
 
-    d = {k: str(tmp_path / k) for k in ("tp", "pp", "dp", "cp", "ep4", "ep", "tp_pp2", "gpt")}
+    d = {k: str(tmp_path / k) for k in ("tp", "pp", "dp", "cp", "ep4", "ep", "tp_pp2", "gpt", "phi3", "qwen")}
     weights = unsharded_weights("tiny_gpt", seed=11)
     save_file({k: v.contiguous() for k, v in weights.items() if k != "output.weight"} | {
         "output.weight": weights["output.weight"].clone()}, tmp_path / "gpt.safetensors")
@@ -78,10 +81,14 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
         {"model": "tiny_llama", "layout": "dp=2,zero=1", "resume": d["dp"]},
         {"model": "tiny_llama", "layout": "dp=2,zero=3", "resume": d["cp"]},
         {"model": "tiny_moe", "layout": "ep=2,dp=2,zero=3", "resume": d["ep4"], "save": d["ep"]},
+        {"model": "hf/tiny_phi3", "layout": "tp=2", "save": d["phi3"]},
+        {"model": "hf/tiny_qwen3_moe", "layout": "ep=2,dp=2,zero=1", "save": d["qwen"]},
     ], 2)
     one = run_jobs([
         {"model": "tiny_llama", "layout": "dp=1", "resume": d["tp_pp2"]},
         {"model": "tiny_moe", "layout": "dp=1", "resume": d["ep"]},
+        {"model": "hf/tiny_phi3", "layout": "dp=1", "resume": d["phi3"]},
+        {"model": "hf/tiny_qwen3_moe", "layout": "dp=1", "resume": d["qwen"]},
     ], 1)
     later = [3, 4, 5]
     for job, saved in enumerate([0, 1, 2, 3]):
@@ -90,6 +97,8 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
     assert [one[0][s] for s in later] == pytest.approx([fresh[0][s] for s in later], rel=1e-5)
     assert [two[4][s] for s in later] == pytest.approx([fresh[4][s] for s in later], rel=1e-5)
     assert [one[1][s] for s in later] == pytest.approx([fresh[4][s] for s in later], rel=1e-5)
+    for job, saved in [(2, 5), (3, 6)]:  # Hugging Face models saved on 2 ranks
+        assert [one[job][s] for s in later] == pytest.approx([two[saved][s] for s in later], rel=1e-5)
     exported = export_state_dict(d["gpt"])
     assert exported.keys() == weights.keys()
     for name, value in weights.items():
