@@ -2,7 +2,8 @@
 
 What is saved. Every parameter and its AdamW state under the unsharded model's names (`model.{fqn}`,
 `optim.{fqn}.exp_avg`, `optim.{fqn}.exp_avg_sq`, `optim.{fqn}.step`), each rank writing only the numbers it
-holds, as boxes of the unsharded tensor; the RNG state of every rank (`rng.{rank}`); and, in a small JSON
+holds, as boxes of the unsharded tensor; the RNG state of every rank (`rng.{rank}`, and `rng_cuda.{rank}`
+on a GPU); and, in a small JSON
 manifest (`autoshard.json`) written by rank 0, the step, the caller's extra state (the data position), the
 model fingerprint (names and unsharded shapes of all parameters), the layout, the world size, tied weights'
 other names, and the size of every file. A checkpoint saved under one layout loads under any other: DCP reads
@@ -48,7 +49,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -197,7 +203,7 @@ class Boxes(Tensor):
         return [ChunkStorageMetadata(torch.Size(o), v.shape) for o, v in self.boxes.items()]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
-        return self.boxes[tuple(index.offset)]
+        return self.boxes[tuple(index.offset or ())]
 
 
 # ------------------------------------------------------------------------------ what a ParallelModel holds
@@ -296,8 +302,9 @@ class StateDict:
         parts = [(v, o) for v, o in parts if v.numel()]
         if not parts:
             return
-        if key in self.tensors:
-            parts = [*((v, o) for o, v in self.tensors[key].boxes.items()), *parts]
+        held = self.tensors.get(key)
+        if isinstance(held, Boxes):
+            parts = [*((v, o) for o, v in held.boxes.items()), *parts]
         self.tensors[key] = Boxes(shape, parts)
 
 
@@ -398,7 +405,7 @@ def save_checkpoint(parallel: Any, root: str | Path, *, step: int, extra: dict |
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     tensors = state_dict(parallel, loading=False).tensors
-    tensors[f"rng.{_rank()}"] = torch.get_rng_state()
+    tensors.update(_rng_states())
     with _quiet():
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_initialized())
     _barrier()  # every rank's files are on disk
@@ -488,21 +495,30 @@ def read_manifest(folder: Path, *, fingerprint: str = "") -> dict:
     return manifest
 
 
+def _rng_states() -> dict[str, Tensor]:
+    """This rank's CPU (and current CUDA device's) RNG state, under keys of its rank."""
+    states = {f"rng.{_rank()}": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states[f"rng_cuda.{_rank()}"] = torch.cuda.get_rng_state()
+    return states
+
+
 def load_checkpoint(parallel: Any, path: str | Path) -> Resumed:
     """Load a checkpoint saved under any layout into `parallel` (a collective: call on every rank). RNG states
     are restored when the layout is the same (another layout draws other random streams anyway)."""
     folder = resolve(path)
     manifest = read_manifest(folder, fingerprint=parallel.fingerprint)
     state = state_dict(parallel, loading=True)
-    rng = None
+    rng = {}
     if manifest.get("layout") == parallel.layout and manifest.get("world_size") == _world():
-        rng = state.tensors[f"rng.{_rank()}"] = torch.empty_like(torch.get_rng_state())
+        rng = {key: torch.empty_like(value) for key, value in _rng_states().items()}
+        state.tensors.update(rng)
     with _quiet():
         dcp.load(state.tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())
     for fix in state.after_load:
         fix()
-    if rng is not None:
-        torch.set_rng_state(rng)
+    for key, value in rng.items():
+        (torch.cuda.set_rng_state if key.startswith("rng_cuda.") else torch.set_rng_state)(value)
     return Resumed(path=folder, step=int(manifest["step"]), extra=manifest.get("extra", {}))
 
 
@@ -579,7 +595,7 @@ def export_state_dict(path: str | Path) -> dict[str, Tensor]:
     reader = dcp.FileSystemReader(folder)
     stored = reader.read_metadata().state_dict_metadata
     weights = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in stored.items()
-               if key.startswith("model.")}
+               if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     with _quiet():
         dcp.load(weights, storage_reader=reader, no_dist=True)
     out = {key[len("model."):]: t for key, t in weights.items()}

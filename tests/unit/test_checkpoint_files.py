@@ -1,5 +1,6 @@
-"""transforms/checkpoint.py in one process: boxes of flat ranges and regrouped tensors, a save/load round trip,
-keep-N and stale temporary folders, and the refusals (missing, truncated or absent shard, another model)."""
+"""transforms/checkpoint.py in one process: boxes of flat ranges and regrouped tensors, a save/load round trip
+(with the RNG state), keep-N and stale temporary folders, and the refusals (missing, truncated or absent shard,
+another model)."""
 
 from __future__ import annotations
 
@@ -92,10 +93,12 @@ def test_round_trip_keep_and_stale_temporary_folders(tmp_path):
     for step in (2, 3, 4):
         save_checkpoint(a, tmp_path, step=step, extra={"data_position": step}, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+    draw = torch.rand(3)
     want = train(a, 3)
-    b = tiny(1)  # other weights, no optimizer state yet
+    b = tiny(1)  # other weights, no optimizer state yet, another RNG state
     resumed = load_checkpoint(b, tmp_path)
     assert (resumed.step, resumed.extra) == (4, {"data_position": 4})
+    assert torch.equal(torch.rand(3), draw)  # same layout: the RNG state is restored
     assert train(b, 3) == want
     weights = export_state_dict(tmp_path / "step_00000003")
     assert weights.keys() == {"weight", "bias"}
