@@ -65,17 +65,37 @@ class Case:
 
 def fitting_layout(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> CalibrationRun:
     """A run whose source does not state its recompute did fit in memory: take the least recompute that
-    fits by our memory model (none, then selective, then full). Stated settings are never changed."""
+    fits by our memory model: none, then selective, then Megatron's block recompute (full recompute of the
+    first k blocks of every model chunk, the least k that fits), full of every block last. Stated settings
+    are never changed."""
     if not any(a.startswith("recompute=") for a in run.assumptions):
         return run
-    for recompute in RECOMPUTE:
-        layout = dataclasses.replace(run.layout, recompute=recompute)
-        if estimate(graph, layout, run.training, profile).fits:
+    options = [(dataclasses.replace(run.layout, recompute=r), None) for r in ("none", "selective")]
+    options += [(dataclasses.replace(run.layout, recompute="none"), _first_blocks(graph, run.layout, k))
+                for k in range(1, math.ceil(len(graph.blocks) / (run.layout.pp * run.layout.vpp)))]
+    options.append((dataclasses.replace(run.layout, recompute="full"), None))
+    for layout, blocks in options:
+        if estimate(graph, layout, run.training, profile, recompute=blocks).fits:
             break
-    if layout == run.layout:
+    if layout == run.layout and blocks is None:
         return run
-    note = f"recompute={recompute}: not stated, and the lighter settings do not fit in memory by our model"
-    return dataclasses.replace(run, layout=layout, assumptions=(*run.assumptions, note))
+    what = f"full for the first {sum(v == 'full' for v in blocks.values()) // (layout.pp * layout.vpp)} " \
+           f"block(s) of each model chunk" if blocks else layout.recompute
+    note = (f"recompute={what}: not stated, and the lighter settings do not fit in memory by our model"
+            if what != "none" else "recompute=none: not stated; it fits without recompute by our model")
+    return dataclasses.replace(run, layout=layout, recompute_blocks=blocks,
+                               assumptions=(*run.assumptions, note))
+
+
+def _first_blocks(graph: ModelGraph, layout, k: int) -> dict[str, str]:
+    """Full recompute for the first k blocks of each of the pp x vpp model chunks (even split)."""
+    from autoshard.cost_models.pipeline import split_blocks
+
+    names, out, start = [b.name for b in graph.blocks], {}, 0
+    for size in split_blocks(len(names), layout.pp * layout.vpp):
+        out.update({n: "full" for n in names[start:start + min(k, size)]})
+        start += size
+    return out
 
 
 def graph_for(run: CalibrationRun) -> ModelGraph:
@@ -119,7 +139,7 @@ def framework_of(case: Case, coeffs: dict[str, float]) -> Framework:
 def predict(case: Case, coeffs: dict[str, float]) -> tuple[float, float]:
     """(tokens/s/GPU, peak memory GiB) predicted for the run's own layout."""
     est = estimate(case.graph, case.run.layout, case.run.training, with_coefficients(case.profile, coeffs),
-                   framework=framework_of(case, coeffs))
+                   framework=framework_of(case, coeffs), recompute=case.run.recompute_blocks)
     return est.tokens_per_sec_per_gpu, est.peak_memory_bytes / 2**30
 
 

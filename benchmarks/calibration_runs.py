@@ -144,6 +144,9 @@ class CalibrationRun:
     """Every value filled in that the source does not state, with the reason."""
     cross_checks: tuple[tuple[str, float], ...] = ()
     """The other tokens/s/GPU estimates the entry allows, as (method, value), for consistency checks."""
+    recompute_blocks: dict[str, str] | None = None
+    """Block FQN -> recompute where blocks differ from layout.recompute (Megatron's
+    `--recompute-method block --recompute-num-layers k`: the first k blocks of each model chunk), else None."""
 
 
 class Estimate(NamedTuple):

@@ -186,7 +186,7 @@ def evaluate(run: CalibrationRun) -> Row:
     graph = graph_for(run)
     profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
     run = fitting_layout(run, graph, profile)
-    published = estimate(graph, run.layout, run.training, profile)
+    published = estimate(graph, run.layout, run.training, profile, recompute=run.recompute_blocks)
     # async TP is a runtime feature the search does not try on its own: where the run had it, both the
     # planner's search and the published degrees' get it
     features = {"async_tp": True} if run.layout.async_tp else {}

@@ -70,7 +70,7 @@ def test_every_published_layout_prices_and_fits(run_id):
     run = RUNS[run_id]
     graph, profile = graph_for(run), load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
     run = fitting_layout(run, graph, profile)
-    est = estimate(graph, run.layout, run.training, profile)
+    est = estimate(graph, run.layout, run.training, profile, recompute=run.recompute_blocks)
     assert est.fits, f"{run.layout.to_string()}: {est.peak_memory_bytes / 2**30:.1f} GiB on stage {est.peak_stage}"
     result, fixed = _stated_and_search(run_id)
     assert result.best is not None, f"stated layout {fixed} refused"
