@@ -1,7 +1,8 @@
-"""Worker for test_pp.py's memory test (launched by torchrun): apply the pipeline layout argv[1] to tiny_llama,
-run one step with m micro-batches while tracking every tensor saved for backward, and print, per pipeline
-rank, the peak bytes held against the bytes one micro-batch saves: the micro-batches in flight, beside the
-cost model's `in_flight()` for the schedule (cost_models/pipeline.py)."""
+"""Worker for test_pp.py's memory test (launched by torchrun): for each pipeline layout in argv[1:], in turn
+(one launch per world size), apply it to tiny_llama, run one step with m micro-batches while tracking every
+tensor saved for backward, and print, per pipeline rank, the peak bytes held against the bytes one
+micro-batch saves: the micro-batches in flight, beside the cost model's `in_flight()` for the schedule
+(cost_models/pipeline.py); one JSON line per layout: {"layout": ..., "rows": [...]}."""
 
 import json
 import os
@@ -46,24 +47,30 @@ class Saved:
         self.held.live -= self.nbytes
 
 
+def measure(text: str) -> list[dict]:
+    layout = complete(parse_layout(text), dist.get_world_size())
+    with meta_parameters():
+        model = build_reference_model(load_spec(SPEC)[0])
+    graph = capture(model, 1, SEQ)
+    parallel = apply_layout(model, layout, graph=graph, seed=0)
+    tokens = synthetic_batch(seed=0, step=0, batch=M * layout.dp, seq_len=SEQ, vocab=256)
+    parallel.train_step(tokens)  # the first step also infers the stages' shapes
+    held = Held()
+    with saved_tensors_hooks(held.pack, lambda saved: saved.t):
+        parallel.train_step(tokens)
+    stage = parallel.mesh["pp"].get_local_rank()
+    row = {"stage": stage, "measured": held.peak / (held.total / M),
+           "predicted": in_flight(stage, layout.pp, M, layout.vpp, layout.schedule)}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    return sorted({r["stage"]: r for r in rows}.values(), key=lambda r: r["stage"])
+
+
 dist.init_process_group("gloo")
-layout = complete(parse_layout(sys.argv[1]), dist.get_world_size())
-with meta_parameters():
-    model = build_reference_model(load_spec(SPEC)[0])
-graph = capture(model, 1, SEQ)
-parallel = apply_layout(model, layout, graph=graph, seed=0)
-tokens = synthetic_batch(seed=0, step=0, batch=M * layout.dp, seq_len=SEQ, vocab=256)
-parallel.train_step(tokens)  # the first step also infers the stages' shapes
-held = Held()
-with saved_tensors_hooks(held.pack, lambda saved: saved.t):
-    parallel.train_step(tokens)
-stage = parallel.mesh["pp"].get_local_rank()
-row = {"stage": stage, "measured": held.peak / (held.total / M),
-       "predicted": in_flight(stage, layout.pp, M, layout.vpp, layout.schedule)}
-rows = [None] * dist.get_world_size()
-dist.all_gather_object(rows, row)
-if dist.get_rank() == 0:
-    print(json.dumps(sorted({r["stage"]: r for r in rows}.values(), key=lambda r: r["stage"])), flush=True)
+for text in sys.argv[1:]:
+    rows = measure(text)
+    if dist.get_rank() == 0:
+        print(json.dumps({"layout": text, "rows": rows}), flush=True)
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_equivalence import HF_LLAMA, TINY_GPT, TINY_LLAMA, check
+from test_equivalence import HAS_HF, HF_LLAMA, TINY_GPT, TINY_LLAMA, Runs
 
 from autoshard.transforms.cp import cp_positions, split_sequence, unsplit_sequence
 
+LAYOUTS = [
+    (TINY_LLAMA, "cp=2", 2),  # RoPE, GQA (4 heads, 2 kv heads)
+    (TINY_GPT, "cp=2", 2),  # learned positions, tied embeddings
+    (TINY_LLAMA, "cp=4", 4),
+    (TINY_LLAMA, "cp=2,tp=2", 4),  # sequence parallelism inside each cp chunk
+    (TINY_LLAMA, "cp=2,dp=2,zero=3,recompute=selective", 4),  # FSDP2 over dp x cp; the backward replays the gather
+]
+CASES = [(model, layout, nproc, ()) for model, layout, nproc in LAYOUTS] + ([(HF_LLAMA, "cp=2", 2, ())] if HAS_HF else [])
+
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    return tmp_path_factory.mktemp("cp_runs")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(CASES, tmp_path_factory.mktemp("cp_runs"))
 
 
 # ------------------------------------------------------------------ the load-balanced split, as pure functions
@@ -45,17 +54,12 @@ def test_a_sequence_that_does_not_split_into_2cp_chunks_is_refused():
 # ------------------------------------------------------------------ against the unsharded model
 
 
-@pytest.mark.parametrize(("model", "layout", "nproc"), [
-    (TINY_LLAMA, "cp=2", 2),  # RoPE, GQA (4 heads, 2 kv heads)
-    (TINY_GPT, "cp=2", 2),  # learned positions, tied embeddings
-    (TINY_LLAMA, "cp=4", 4),
-    (TINY_LLAMA, "cp=2,tp=2", 4),  # sequence parallelism inside each cp chunk
-    (TINY_LLAMA, "cp=2,dp=2,zero=3,recompute=selective", 4),  # FSDP2 over dp x cp; the backward replays the gather
-], ids=["llama-cp2", "gpt-cp2", "llama-cp4", "llama-cp2-tp2", "llama-cp2-dp2-zero3-selective"])
-def test_context_parallel_matches_the_unsharded_model(model, layout, nproc, tmp):
-    check(model, layout, nproc, tmp)
+@pytest.mark.parametrize(("model", "layout", "nproc"), LAYOUTS,
+                         ids=["llama-cp2", "gpt-cp2", "llama-cp4", "llama-cp2-tp2", "llama-cp2-dp2-zero3-selective"])
+def test_context_parallel_matches_the_unsharded_model(model, layout, nproc, runs):
+    runs.check(model, layout, nproc)
 
 
-def test_hugging_face_llama_gets_its_position_ids(tmp):
+def test_hugging_face_llama_gets_its_position_ids(runs):
     pytest.importorskip("transformers")
-    check(HF_LLAMA, "cp=2", 2, tmp)
+    runs.check(HF_LLAMA, "cp=2", 2)

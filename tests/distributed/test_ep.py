@@ -8,12 +8,10 @@ MoE forward (gate + experts loop skipping empty experts) that the transform does
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
-from test_equivalence import ROOT, TINY_MOE, check, launch
+from test_equivalence import ROOT, TINY_MOE, Runs
 
 from autoshard.planner.capture.model_graph import MoEInfo
 from autoshard.transforms.ep import _check
@@ -24,34 +22,38 @@ SKEWED = MODELS / "skewed_moe.py"
 MIXTRAL_STYLE = MODELS / "mixtral_style_moe.py"
 
 
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ep_runs")
-
-
-@pytest.mark.parametrize(("layout", "nproc"), [
+LAYOUTS = [
     ("ep=2,zero=0", 2),         # dp=2, the two experts halves swap tokens; DDP for the rest
     ("ep=4,zero=1", 4),         # one expert per rank per layer; ZeRO-1 over a single-rank expert group
     ("ep=2,zero=3", 4),         # ep=2 x dp=2: each expert half replicated twice, FSDP2 on both groups
     ("ep=2,tp=2,zero=1", 4),    # ep=2 x tp=2 (with SP): the MoE input gathered over tp, then dispatched
-])
-def test_expert_parallel_matches_the_unsharded_model(layout, nproc, tmp):
-    check(MIXED, layout, nproc, tmp)
+]
+CASES = [(MIXED, layout, nproc, ()) for layout, nproc in LAYOUTS] + [
+    (SKEWED, "ep=4,zero=2", 4, ()), (MIXTRAL_STYLE, "ep=2,recompute=full", 2, ()),
+    (TINY_MOE, "ep=4,dp=4", 4, ("--steps", "20"))]
 
 
-def test_unbalanced_routing_matches(tmp):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(CASES, tmp_path_factory.mktemp("ep_runs"))
+
+
+@pytest.mark.parametrize(("layout", "nproc"), LAYOUTS)
+def test_expert_parallel_matches_the_unsharded_model(layout, nproc, runs):
+    runs.check(MIXED, layout, nproc)
+
+
+def test_unbalanced_routing_matches(runs):
     """About 80 % of the tokens go to expert 0 (rank 0), other experts get none in some micro-batches."""
-    check(SKEWED, "ep=4,zero=2", 4, tmp)
+    runs.check(SKEWED, "ep=4,zero=2", 4)
 
 
-def test_a_moe_forward_written_elsewhere_with_recompute(tmp):
-    check(MIXTRAL_STYLE, "ep=2,recompute=full", 2, tmp)
+def test_a_moe_forward_written_elsewhere_with_recompute(runs):
+    runs.check(MIXTRAL_STYLE, "ep=2,recompute=full", 2)
 
 
-def test_training_with_experts_on_four_ranks_lowers_the_loss():
-    out = launch(TINY_MOE, "ep=4,dp=4", 4, "--steps", "20")
-    assert out.returncode == 0, out.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
+def test_training_with_experts_on_four_ranks_lowers_the_loss(runs):
+    losses, _ = runs.result(TINY_MOE, "ep=4,dp=4", 4, "--steps", "20")
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < losses[0] - 0.5
 
 

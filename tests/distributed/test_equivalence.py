@@ -6,6 +6,7 @@ models and a Hugging Face Llama built from its config."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ TINY_GPT = ROOT / "examples" / "specs" / "tiny_gpt.yaml"
 TINY_MOE = ROOT / "examples" / "specs" / "tiny_moe.yaml"
 HF_LLAMA = ROOT / "tests" / "data" / "hf" / "tiny_llama"
 STEPS = 5
+HAS_HF = importlib.util.find_spec("transformers") is not None
 
 
 def launch(model: Path, layout: str = "", nproc: int = 1, *extra: str) -> subprocess.CompletedProcess:
@@ -60,12 +62,78 @@ def assert_close(got: list[float], want: list[float]) -> None:
 
 
 def check(model: Path, layout: str, nproc: int, tmp: Path, *extra: str) -> None:
-    losses, grads = run(model, layout, nproc, tmp, *extra)
-    want_losses, want_grads = reference(model, tmp)
+    """One training run of its own (train.py under spawn) against the unsharded model."""
+    compare(run(model, layout, nproc, tmp, *extra), reference(model, tmp))
+
+
+def compare(got: tuple[list[float], dict], want: tuple[list[float], dict]) -> None:
+    (losses, grads), (want_losses, want_grads) = got, want
     assert_close(losses, want_losses)
     assert grads.keys() == want_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+WORKER = Path(__file__).with_name("equivalence_worker.py")
+
+
+class Runs:
+    """Every case of a test module, run as examples/train.py runs it but one multi-process launch per world
+    size (equivalence_worker.py), started the first time a test asks for one of its cases; the unsharded
+    reference of each model is trained in the same launch. `cases`: (model, layout, nproc, extra args)."""
+
+    def __init__(self, cases: list[tuple[Path, str, int, tuple[str, ...]]], tmp: Path) -> None:
+        self.cases, self.tmp = cases, tmp
+        self.launches: dict[int, tuple[subprocess.CompletedProcess, dict[str, dict], Path]] = {}
+
+    def check(self, model: Path, layout: str, nproc: int, *extra: str) -> None:
+        """The case's losses and gradients after step 1 against the unsharded model's (as `check`)."""
+        assert (model, layout, nproc, extra) in self.cases, "add the case to the module's CASES"
+        compare(self.result(model, layout, nproc, *extra), self.result(model, "", nproc))
+
+    def result(self, model: Path, layout: str, nproc: int, *extra: str) -> tuple[list[float], dict]:
+        """(losses per step, whole gradients after step 1) of the case; layout "": the model's reference."""
+        out, rows, folder = self._launch(nproc)
+        case = _case_id(model, layout, extra) if layout else f"reference:{model}"
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "refused" not in rows[case], rows[case]
+        saved = torch.load(folder / rows[case]["file"])
+        return saved["losses"], saved["grads"]
+
+    def _launch(self, nproc: int):
+        if nproc not in self.launches:
+            cases = [[_case_id(m, layout, extra), str(m), layout, list(extra)]
+                     for m, layout, n, extra in self.cases if n == nproc]
+            assert cases, f"no case for {nproc} ranks in this module's CASES"
+            folder = self.tmp / f"world{nproc}"
+            folder.mkdir()
+            out = spawn([str(WORKER), "--out", str(folder), "--cases", json.dumps(cases)], nproc,
+                        timeout=300 + 60 * len(cases))
+            rows = {r["case"]: r for r in (json.loads(line) for line in out.stdout.splitlines()
+                                           if line.startswith("{"))}
+            self.launches[nproc] = out, rows, folder
+        return self.launches[nproc]
+
+
+def _case_id(model: Path, layout: str, extra: tuple[str, ...]) -> str:
+    return " ".join([str(model), layout, *extra])
+
+
+CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per world size runs them all
+    *[(TINY_LLAMA, f"dp=4,zero={zero}", 4, ()) for zero in (0, 1, 2, 3)],
+    *[(TINY_LLAMA, f"dp=2,zero=3,recompute={r}", 2, ()) for r in ("selective", "full")],
+    (TINY_LLAMA, "dp=2,zero=1,mbs=2", 2, ()),
+    (TINY_MOE, "dp=2,zero=0", 2, ()),
+    (TINY_MOE, "dp=2,zero=3", 2, ()),
+    (TINY_LLAMA, "tp=2", 2, ()),
+    (TINY_LLAMA, "tp=2,sp=false", 2, ()),
+    (TINY_GPT, "tp=4", 4, ()),
+    *[(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4, ()) for zero in (0, 3)],
+    (TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4, ()),
+    (TINY_MOE, "tp=2,dp=2,zero=1", 4, ()),
+    *([(HF_LLAMA, "tp=2", 2, ()), (HF_LLAMA, "tp=2,dp=2,zero=3,recompute=full", 4, ())] if HAS_HF else []),
+    (TINY_LLAMA, "tp=4", 4, ()),
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,57 +141,62 @@ def tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp) -> Runs:
+    return Runs(CASES, tmp)
+
+
 # ------------------------------------------------------------------ data parallelism and ZeRO (transforms/dp.py)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_data_parallel_zero_stages(zero, tmp):
-    check(TINY_LLAMA, f"dp=4,zero={zero}", 4, tmp)
+def test_data_parallel_zero_stages(zero, runs):
+    runs.check(TINY_LLAMA, f"dp=4,zero={zero}", 4)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recompute(recompute, tmp):
-    check(TINY_LLAMA, f"dp=2,zero=3,recompute={recompute}", 2, tmp)
+def test_recompute(recompute, runs):
+    runs.check(TINY_LLAMA, f"dp=2,zero=3,recompute={recompute}", 2)
 
 
-def test_gradient_accumulation_over_micro_batches(tmp):
-    check(TINY_LLAMA, "dp=2,zero=1,mbs=2", 2, tmp)
+def test_gradient_accumulation_over_micro_batches(runs):
+    runs.check(TINY_LLAMA, "dp=2,zero=1,mbs=2", 2)
 
 
-def test_moe_with_unrouted_experts_under_ddp_and_fsdp(tmp):
-    check(TINY_MOE, "dp=2,zero=0", 2, tmp)
-    check(TINY_MOE, "dp=2,zero=3", 2, tmp)
+def test_moe_with_unrouted_experts_under_ddp_and_fsdp(runs):
+    runs.check(TINY_MOE, "dp=2,zero=0", 2)
+    runs.check(TINY_MOE, "dp=2,zero=3", 2)
 
 
 # ------------------------------------------------------------------ tensor and sequence parallelism (transforms/tp.py)
 
 
 @pytest.mark.parametrize("layout", ["tp=2", "tp=2,sp=false"])
-def test_tensor_parallel_with_and_without_sequence_parallel(layout, tmp):
-    check(TINY_LLAMA, layout, 2, tmp)
+def test_tensor_parallel_with_and_without_sequence_parallel(layout, runs):
+    runs.check(TINY_LLAMA, layout, 2)
 
 
-def test_tensor_parallel_over_four_ranks_with_tied_embeddings(tmp):
-    check(TINY_GPT, "tp=4", 4, tmp)
+def test_tensor_parallel_over_four_ranks_with_tied_embeddings(runs):
+    runs.check(TINY_GPT, "tp=4", 4)
 
 
 @pytest.mark.parametrize("zero", [0, 3])  # zero 1 with TP: test_tensor_parallel_on_moe
-def test_tensor_parallel_with_data_parallel(zero, tmp):
-    check(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4, tmp)
+def test_tensor_parallel_with_data_parallel(zero, runs):
+    runs.check(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4)
 
 
-def test_gpt_style_with_sequence_parallel_fsdp_and_selective_recompute(tmp):
-    check(TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4, tmp)
+def test_gpt_style_with_sequence_parallel_fsdp_and_selective_recompute(runs):
+    runs.check(TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4)
 
 
-def test_tensor_parallel_on_moe(tmp):
-    check(TINY_MOE, "tp=2,dp=2,zero=1", 4, tmp)
+def test_tensor_parallel_on_moe(runs):
+    runs.check(TINY_MOE, "tp=2,dp=2,zero=1", 4)
 
 
-def test_hugging_face_llama_from_config(tmp):
+def test_hugging_face_llama_from_config(runs):
     pytest.importorskip("transformers")
-    check(HF_LLAMA, "tp=2", 2, tmp)
-    check(HF_LLAMA, "tp=2,dp=2,zero=3,recompute=full", 4, tmp)
+    runs.check(HF_LLAMA, "tp=2", 2)
+    runs.check(HF_LLAMA, "tp=2,dp=2,zero=3,recompute=full", 4)
 
 
 # ------------------------------------------------------------------ bad input
@@ -134,10 +207,10 @@ def test_a_layout_the_model_cannot_take_is_refused():
     assert out.returncode != 0 and "found no MoE layer" in out.stderr and 'train.py", line' not in out.stderr
 
 
-def test_fewer_kv_heads_than_tp_ranks_are_replicated(tmp):
+def test_fewer_kv_heads_than_tp_ranks_are_replicated(runs):
     """2 kv heads over tp = 4: each rank keeps the kv head its q heads use (Megatron's replication); the
     gradients of the replicated k/v projections are summed over tp."""
-    check(TINY_LLAMA, "tp=4", 4, tmp)
+    runs.check(TINY_LLAMA, "tp=4", 4)
 
 
 def test_heads_that_do_not_divide_over_tp_are_refused_on_every_rank():

@@ -11,17 +11,30 @@ import sys
 import pytest
 from spawn import spawn
 from test_equivalence import (
+    HAS_HF,
     HF_LLAMA,
     ROOT,
     TINY_GPT,
     TINY_LLAMA,
     TINY_MOE,
     TRAIN,
+    Runs,
     assert_close,
-    check,
     launch,
-    reference,
 )
+
+PIPELINES = [("pp=2", 2), ("pp=4", 4), ("pp=2,vpp=2", 2), ("pp=2,schedule=gpipe", 2), ("pp=2,tp=2", 4),
+             ("pp=2,dp=2,zero=1", 4), ("pp=2,dp=2,zero=3,recompute=full", 4)]
+WITH_CP_AND_EP = [(TINY_LLAMA, "pp=2,cp=2"), (TINY_MOE, "pp=2,ep=2"), (TINY_MOE, "pp=2,ep=2,zero=3")]
+TIED = [("pp=2", 2), ("pp=2,tp=2", 4)]
+UNEVEN = [("pp=2", ("--stage-split", "1,3")), ("pp=2,vpp=2", ("--stage-split", "1,1,1,1"))]
+CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per world size runs them all
+    *[(TINY_LLAMA, layout, nproc, ()) for layout, nproc in PIPELINES],
+    *[(model, layout, 4, ()) for model, layout in WITH_CP_AND_EP],
+    *[(TINY_GPT, layout, nproc, ()) for layout, nproc in TIED],
+    *[(TINY_LLAMA, layout, 2, extra) for layout, extra in UNEVEN],
+    *([(HF_LLAMA, "pp=2", 2, ()), (HF_LLAMA, "pp=2,cp=2", 4, ())] if HAS_HF else []),
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,46 +42,42 @@ def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("pp_runs")
 
 
-@pytest.mark.parametrize(("layout", "nproc"), [
-    ("pp=2", 2),
-    ("pp=4", 4),
-    ("pp=2,vpp=2", 2),
-    ("pp=2,schedule=gpipe", 2),
-    ("pp=2,tp=2", 4),
-    ("pp=2,dp=2,zero=1", 4),
-    ("pp=2,dp=2,zero=3,recompute=full", 4),
-])
-def test_pipeline_matches_the_unsharded_model(layout, nproc, tmp):
-    check(TINY_LLAMA, layout, nproc, tmp)
+@pytest.fixture(scope="module")
+def runs(tmp) -> Runs:
+    return Runs(CASES, tmp)
 
 
-@pytest.mark.parametrize(("model", "layout"), [(TINY_LLAMA, "pp=2,cp=2"), (TINY_MOE, "pp=2,ep=2"),
-                                               (TINY_MOE, "pp=2,ep=2,zero=3")])
-def test_pipeline_with_context_and_expert_parallelism(model, layout, tmp):
+@pytest.mark.parametrize(("layout", "nproc"), PIPELINES)
+def test_pipeline_matches_the_unsharded_model(layout, nproc, runs):
+    runs.check(TINY_LLAMA, layout, nproc)
+
+
+@pytest.mark.parametrize(("model", "layout"), WITH_CP_AND_EP)
+def test_pipeline_with_context_and_expert_parallelism(model, layout, runs):
     """All five dimensions compose: the cp ranks' positions reach every stage, the experts of each stage are
     sharded over its ep ranks (the first stage of tiny_moe also holds a dense block)."""
-    check(model, layout, 4, tmp)
+    runs.check(model, layout, 4)
 
 
-@pytest.mark.parametrize(("layout", "nproc"), [("pp=2", 2), ("pp=2,tp=2", 4)])
-def test_tied_embeddings_across_stages(layout, nproc, tmp):
+@pytest.mark.parametrize(("layout", "nproc"), TIED)
+def test_tied_embeddings_across_stages(layout, nproc, runs):
     """GPT style: the embedding on the first stage and the head on the last share one weight; its two copies
     start equal and get the sum of both gradients."""
-    check(TINY_GPT, layout, nproc, tmp)
+    runs.check(TINY_GPT, layout, nproc)
 
 
-def test_uneven_stage_splits(tmp):
-    check(TINY_LLAMA, "pp=2", 2, tmp, "--stage-split", "1,3")
-    check(TINY_LLAMA, "pp=2,vpp=2", 2, tmp, "--stage-split", "1,1,1,1")
+def test_uneven_stage_splits(runs):
+    for layout, extra in UNEVEN:
+        runs.check(TINY_LLAMA, layout, 2, *extra)
 
 
-def test_hugging_face_llama_from_config(tmp):
+def test_hugging_face_llama_from_config(runs):
     pytest.importorskip("transformers")
-    check(HF_LLAMA, "pp=2", 2, tmp)  # 3 decoder layers: stages of 1 and 2
-    check(HF_LLAMA, "pp=2,cp=2", 4, tmp)  # position_ids reach every stage
+    runs.check(HF_LLAMA, "pp=2", 2)  # 3 decoder layers: stages of 1 and 2
+    runs.check(HF_LLAMA, "pp=2,cp=2", 4)  # position_ids reach every stage
 
 
-def test_a_plan_with_its_stage_split_runs(tmp):
+def test_a_plan_with_its_stage_split_runs(tmp, runs):
     """plan -o plan.yaml with pp=2 fixed, then train.py --plan: the plan's split and recompute are applied."""
     plan = tmp / "pp_plan.yaml"
     cmd = [sys.executable, "-m", "autoshard.planner.cli", str(TINY_LLAMA), "--gpus", "2", "--profile", "h100_ib",
@@ -79,7 +88,7 @@ def test_a_plan_with_its_stage_split_runs(tmp):
     out = launch(TINY_LLAMA, "", 2, "--plan", str(plan))
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
-    assert_close(losses, reference(TINY_LLAMA, tmp)[0])
+    assert_close(losses, runs.result(TINY_LLAMA, "", 2)[0])
 
 
 @pytest.mark.parametrize(("model", "layout", "nproc", "extra", "message"), [
@@ -103,16 +112,33 @@ def test_train_script_loss_falls_with_pp_and_dp():
     assert len(losses) == 20 and losses[-1] < losses[0] - 0.2, losses
 
 
-@pytest.mark.parametrize(("layout", "nproc", "rel"), [("pp=4", 4, 0.01), ("pp=2,schedule=gpipe", 2, 0.01),
-                                                      ("pp=2,vpp=2", 2, 0.1)])
-def test_activations_held_per_stage_match_the_cost_model(layout, nproc, rel):
+MEMORY = [("pp=4", 4, 0.01), ("pp=2,schedule=gpipe", 2, 0.01), ("pp=2,vpp=2", 2, 0.1)]
+
+
+@pytest.fixture(scope="module")
+def held_per_stage():
+    """pp_memory_worker.py's rows per layout: one launch per world size for all its layouts."""
+    launches = {}
+
+    def get(nproc: int):
+        if nproc not in launches:
+            worker = ROOT / "tests" / "distributed" / "pp_memory_worker.py"
+            out = spawn([str(worker), *(layout for layout, n, _ in MEMORY if n == nproc)], nproc)
+            reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+            launches[nproc] = out, {r["layout"]: r["rows"] for r in reports}
+        return launches[nproc]
+
+    return get
+
+
+@pytest.mark.parametrize(("layout", "nproc", "rel"), MEMORY)
+def test_activations_held_per_stage_match_the_cost_model(layout, nproc, rel, held_per_stage):
     """Peak bytes saved for backward on each stage, over the bytes one micro-batch saves there: the micro-batches
     in flight, against cost_models/pipeline.in_flight (1F1B: p - i; GPipe: m; interleaved: Megatron's warm-up;
     its chunks are not equal in bytes, the last one holding the logits, hence the looser bound)."""
-    worker = ROOT / "tests" / "distributed" / "pp_memory_worker.py"
-    out = spawn([str(worker), layout], nproc)
+    out, by_layout = held_per_stage(nproc)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("[")))
+    rows = by_layout[layout]
     assert [r["stage"] for r in rows] == list(range(nproc))
     for row in rows:
         assert row["measured"] == pytest.approx(row["predicted"], rel=rel), rows

@@ -1,0 +1,94 @@
+"""Worker for the equivalence tests (test_equivalence.py, test_pp.py, test_cp.py, test_ep.py): many
+(model, layout) cases in one multi-process launch, one interpreter start, torch import and rendezvous for
+all of them (about 3.5 CPU seconds per rank and launch, most of a tiny case's cost on the 2-core CI).
+
+    python tests/distributed/equivalence_worker.py --out DIR \
+        --cases '[["case-id", "examples/specs/tiny_llama.yaml", "tp=2", ["--stage-split", "1,3"]], ...]'
+
+Each case runs as examples/train.py runs it (its argument parser with the test's arguments, its model
+builder, layout parsing, batch check and synthetic batches; only the process group is started once for
+all cases): rank 0 saves {"losses": [...], "grads": whole gradients after step 1} to DIR/case-<i>.pt, i
+the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
+its own (train.py's reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id
+"reference:<model>". rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
+A layout refused on every rank before any collective (UserError/ValueError, train.py's exit 2) is printed as
+{"case": id, "refused": message}; any other exception ends the worker with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+BASE = ["--steps", "5", "--seed", "7", "--global-batch", "8", "--seq-len", "32"]
+
+
+def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """train.main's body for one case on `world` ranks (1: the unsharded reference on this rank alone)."""
+    args = train._parser().parse_args(["--model", model, *BASE, *(["--layout", layout] if layout else []), *extra])
+    model_, vocab = train._build(args)
+    graph = train.capture(model_, 1, args.seq_len)
+    layout_, recompute, split = train._layout(args, world, graph)
+    if args.global_batch % (layout_.dp * layout_.mbs):
+        raise train.UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout_.dp}) x "
+                              f"micro-batch({layout_.mbs})")
+    parallel = train.apply_layout(model_, layout_, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
+                                  split=split)
+    losses, grads = [], {}
+    for step in range(args.steps):
+        losses.append(parallel.train_step(train._batch(args, vocab, step)))
+        if step == 0:
+            grads = parallel.full_gradients()
+    return losses, grads
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", required=True, help="JSON: [[case id, model, layout, [extra train.py args]], ...]")
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args()
+    cases = json.loads(args.cases)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def save(case: str, name: str, result, start: float) -> None:
+        if rank == 0:
+            torch.save({"losses": result[0], "grads": result[1]}, args.out / name)
+            print(json.dumps({"case": case, "file": name, "seconds": time.perf_counter() - start}), flush=True)
+
+    models = list(dict.fromkeys(model for _, model, _, _ in cases))
+    if rank == 0:
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            save(f"reference:{model}", f"reference-{i}.pt", run(model, "", [], 1), start)
+    dist.barrier()
+    for i, (case, model, layout, extra) in enumerate(cases):
+        start = time.perf_counter()
+        try:
+            result = run(model, layout, extra, world)
+        except (train.UserError, ValueError) as exc:
+            if rank == 0:
+                print(json.dumps({"case": case, "refused": str(exc)}), flush=True)
+            continue
+        save(case, f"case-{i}.pt", result, start)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
+
+
+if __name__ == "__main__":
+    main()
