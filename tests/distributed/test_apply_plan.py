@@ -12,12 +12,21 @@ from test_equivalence import TINY_LLAMA, assert_close, reference
 WORKER = Path(__file__).with_name("apply_plan_worker.py")
 
 
-@pytest.mark.parametrize(("layout", "weights"), [("tp=2,pp=1,cp=1,ep=1", "real"), ("tp=2,pp=1,cp=1,ep=1", "meta"),
-                                                 ("tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1", "real")])
-def test_apply_plan_matches_the_unsharded_model(layout, weights, tmp_path):
-    out = spawn([str(WORKER), layout, weights], 2)
-    assert out.returncode == 0, out.stderr[-2000:]
-    losses = [json.loads(line)["loss"] for line in out.stdout.splitlines() if line.startswith("{")]
+CASES = [("tp=2,pp=1,cp=1,ep=1", "real"), ("tp=2,pp=1,cp=1,ep=1", "meta"),
+         ("tp=1,dp=2,zero=3,recompute=full,pp=1,cp=1,ep=1", "real")]
+
+
+@pytest.fixture(scope="module")
+def launch():
+    """One 2-rank launch runs every case in turn."""
+    return spawn([str(WORKER), *(arg for case in CASES for arg in case)], 2)
+
+
+@pytest.mark.parametrize(("layout", "weights"), CASES)
+def test_apply_plan_matches_the_unsharded_model(layout, weights, launch, tmp_path):
+    assert launch.returncode == 0, launch.stderr[-2000:]
+    rows = [json.loads(line) for line in launch.stdout.splitlines() if line.startswith("{")]
+    losses = [r["loss"] for r in rows if (r["layout"], r["weights"]) == (layout, weights)]
     assert_close(losses, reference(TINY_LLAMA, tmp_path)[0])
 
 

@@ -1,6 +1,7 @@
-"""Worker for test_zero_memory.py (launched by torchrun): apply the layout argv[1] to tiny_llama, run one
-step, print on rank 0 the bytes this rank holds in parameters, gradients and optimizer state (local shards
-only) beside the cost model's prediction for the same layout (cost_models/memory.py, in fp32 terms)."""
+"""Worker for test_zero_memory.py (launched by torchrun): for each layout in argv[1:], in turn (one launch per
+world size), apply it to tiny_llama, run one step, print on rank 0 the bytes this rank holds in parameters,
+gradients and optimizer state (local shards only) beside the cost model's prediction for the same layout
+(cost_models/memory.py, in fp32 terms): one JSON line per layout."""
 
 import json
 import os
@@ -41,21 +42,27 @@ def held(parallel, at_forward_end: int) -> dict[str, int]:
             "optimizer": optimizer}
 
 
+def measure(text: str) -> dict:
+    layout = complete(parse_layout(text), dist.get_world_size())
+    with meta_parameters():
+        model = build_reference_model(load_spec(SPEC)[0])
+    graph = capture(model, 1, 32)
+    parallel = apply_layout(model, layout, graph=graph, seed=0)
+    peak = [0]
+    parallel.module.register_forward_hook(lambda m, args, out: peak.__setitem__(0, max(peak[0], param_bytes(m))))
+    parallel.train_step(torch.randint(0, 256, (2 * layout.dp, 33), generator=torch.Generator().manual_seed(0)))
+    # fp32 training: 4-byte weights and gradients; AdamW's two fp32 moments (8 B), plus ZeRO-1's fp32 master
+    # slice (the 4 B a mixed-precision run keeps as its master weights: 12 B, the cost model's default)
+    w, g, o = model_states(graph.params / layout.tp, zero=layout.zero, shards=layout.dp, weight_bytes=4,
+                           grad_bytes=4, optimizer_bytes=12 if layout.zero == 1 else 8)
+    return {"layout": text, "held": held(parallel, peak[0]), "predicted": {"params": w, "grads": g, "optimizer": o}}
+
+
 dist.init_process_group("gloo")
-layout = complete(parse_layout(sys.argv[1]), dist.get_world_size())
-with meta_parameters():
-    model = build_reference_model(load_spec(SPEC)[0])
-graph = capture(model, 1, 32)
-parallel = apply_layout(model, layout, graph=graph, seed=0)
-peak = [0]
-parallel.module.register_forward_hook(lambda m, args, out: peak.__setitem__(0, max(peak[0], param_bytes(m))))
-parallel.train_step(torch.randint(0, 256, (2 * layout.dp, 33), generator=torch.Generator().manual_seed(0)))
-# fp32 training: 4-byte weights and gradients; AdamW's two fp32 moments (8 B), plus ZeRO-1's fp32 master
-# slice (the 4 B a mixed-precision run keeps as its master weights: 12 B, the cost model's default)
-w, g, o = model_states(graph.params / layout.tp, zero=layout.zero, shards=layout.dp, weight_bytes=4,
-                       grad_bytes=4, optimizer_bytes=12 if layout.zero == 1 else 8)
-if dist.get_rank() == 0:  # one writer: two ranks' lines can interleave on the shared stdout
-    print(json.dumps({"held": held(parallel, peak[0]), "predicted": {"params": w, "grads": g, "optimizer": o}}), flush=True)
+for text in sys.argv[1:]:
+    report = measure(text)
+    if dist.get_rank() == 0:  # one writer: two ranks' lines can interleave on the shared stdout
+        print(json.dumps(report), flush=True)
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
