@@ -37,6 +37,9 @@ VPP_CHOICES = (1, 2, 4)
 ZERO_ORDER = (1, 2, 3)
 """ZeRO-1 first: it moves what plain DP moves and shards the optimizer state; 0 only when asked for."""
 ILP_CANDIDATES = 2
+LARGE_ILP_CHUNKS = 48
+"""Past this many model chunks (pp x vpp) a stage ILP takes CBC seconds (Korthikanti's 530B at pp 35 x vpp 2:
+4-10 s CPU each): only the best candidate gets one, so that a plan stays under 10 s."""
 ALTERNATIVE_TUPLES = 5
 
 
@@ -270,9 +273,11 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
             profile: Profile, result: SearchResult, fixed: dict[str, Any]) -> None:
     """Re-solve the best few distinct layouts with the ILP (and the heavier-recompute ones, whose uniform
     recompute the ILP can relax block by block)."""
-    for cand in _distinct(fits)[:ILP_CANDIDATES]:
+    for i, cand in enumerate(_distinct(fits)[:ILP_CANDIDATES]):
         if cand.layout.pp == 1 and cand.layout.recompute == "none":
             continue  # one stage, nothing recomputed: the uniform plan is already the ILP's optimum
+        if i > 0 and cand.layout.pp * cand.layout.vpp > LARGE_ILP_CHUNKS:
+            continue
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
                        vocab=graph.vocab, modes=modes).build()
