@@ -87,6 +87,10 @@ def main() -> None:
                     layout = {f: getattr(run.layout, f) for f in ("tp", "pp", "vpp", "cp", "ep", "dp", "zero",
                                                                   "mbs", "recompute", "schedule",
                                                                   "sequence_parallel", "async_tp")}
+                    if run.recompute_blocks:
+                        # block recompute (the first k blocks of each chunk) has no --layout key: the plan
+                        # API gets full recompute, the uniform setting that fits; the search's ILP mixes
+                        layout["recompute"] = "full"
                 else:
                     layout = stated_layout(entries[run.id], run)
                 r = price(run, layout, spec)
