@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/plan examples/specs/llama3_70b.yaml --gpus 1024 --profile h100_ib --global-batch 1024
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 lint: install
 	$(VENV)/bin/ruff check autoshard planner cost_models transforms tests examples benchmarks

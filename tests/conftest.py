@@ -20,3 +20,28 @@ def specs() -> Path:
 @pytest.fixture
 def hf_configs() -> Path:
     return HF_CONFIGS
+
+
+# Modules outside tests/distributed whose module-scoped fixtures are expensive enough to run once only.
+ONE_WORKER = ("unit/capture/test_hf_structure.py", "planning/test_report_export.py")  # HF captures; 405B search
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (pytest -n 2 --dist loadgroup): each module of tests/distributed is one unit of work, on
+    one worker, since its module-scoped fixtures start one multi-process launch for many cases
+    (equivalence_worker.py, hf_zoo_worker.py, ...) that a module split over two workers would start twice;
+    so is each module of ONE_WORKER; every other test is a unit of its own. The modules go first (xdist
+    orders units by their number of tests), the short single tests fill in at the end. (xdist's own
+    loadgroup marks its groups by rewriting node ids, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            one = Path(module).parent.name == "distributed" or module.endswith(ONE_WORKER)
+            return module if one else nodeid
+
+    return OneWorkerModules(config, log)
