@@ -53,7 +53,8 @@ def price(run: CalibrationRun, layout: dict[str, Any], spec_path: Path) -> dict[
     try:
         p = plan(spec_path, gpus=run.layout.gpus, profile=run.profile, global_batch=run.training.global_batch,
                  seq_len=run.training.seq_len, precision=run.training.precision, layout=layout,
-                 gpu_memory_gib=run.gpu_memory_gib, framework=run.training.framework)
+                 gpu_memory_gib=run.gpu_memory_gib, framework=run.training.framework,
+                 grad_reduce=run.training.grad_reduce)
     except UserError as exc:
         return {"outcome": f"refused (exit {exc.exit_code}): {str(exc)[:160]}", "ok": False,
                 "seconds": time.perf_counter() - start}

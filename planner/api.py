@@ -30,12 +30,13 @@ class NoFitError(UserError):
 def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Profile,
          global_batch: int | None = None, seq_len: int | None = None, micro_batch: int | None = None,
          precision: str | None = None, layout: str | dict[str, Any] | None = None,
-         gpu_memory_gib: float | None = None, framework: str = "torch") -> Plan:
+         gpu_memory_gib: float | None = None, framework: str = "torch", grad_reduce: str | None = None) -> Plan:
     """The best layout of `model` on `gpus` GPUs of `profile`, as a Plan.
 
     `layout` fixes some keys (a layout string or dict) and the planner chooses the rest; with every key
     given it only estimates. `framework` is what will run the plan (cost_models/framework.py: torch, the
-    default, is apply_plan itself; torchtitan, megatron, deepspeed, nanotron). Raises UserError on bad input
+    default, is apply_plan itself; torchtitan, megatron, deepspeed, nanotron); `grad_reduce` (fp32 or bf16)
+    overrides its gradient buffer and reduction dtype. Raises UserError on bad input
     and NoFitError when nothing fits.
     """
     if gpus < 1:
@@ -43,7 +44,7 @@ def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Prof
     prof = _profile(profile, gpu_memory_gib)
     loaded = load_model(model)
     fixed = _fixed(layout, micro_batch)
-    training = _training(loaded, global_batch, seq_len, precision, fixed, gpus, framework)
+    training = _training(loaded, global_batch, seq_len, precision, fixed, gpus, framework, grad_reduce)
     graph = capture(loaded, 1, training.seq_len)
     start = time.perf_counter()
     if all(k in fixed for k in FULL_LAYOUT):
@@ -85,7 +86,7 @@ def _fixed(layout: str | dict[str, Any] | None, micro_batch: int | None) -> dict
 
 
 def _training(loaded: LoadedModel, global_batch: int | None, seq_len: int | None, precision: str | None,
-              fixed: dict[str, Any], gpus: int, framework: str = "torch") -> Training:
+              fixed: dict[str, Any], gpus: int, framework: str = "torch", grad_reduce: str | None = None) -> Training:
     spec = loaded.training
     batch = global_batch or getattr(spec, "global_batch_sequences", None)
     if batch is None:
@@ -93,7 +94,8 @@ def _training(loaded: LoadedModel, global_batch: int | None, seq_len: int | None
                         f"--global-batch {max(gpus, 8) * 4}; the model names none.")
     try:
         return Training(global_batch=batch, seq_len=seq_len or loaded.seq_len,
-                        precision=precision or getattr(spec, "precision", None) or "bf16", framework=framework)
+                        precision=precision or getattr(spec, "precision", None) or "bf16", framework=framework,
+                        grad_reduce=grad_reduce)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

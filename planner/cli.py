@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what will run the plan, for its kernels, recompute policy and collectives (default: torch, "
                         "autoshard's own apply_plan)")
     p.add_argument("--precision", choices=PRECISIONS, help="matmul precision (default: the spec's, else bf16)")
+    p.add_argument("--grad-reduce", choices=("fp32", "bf16"),
+                   help="gradient buffer and reduction dtype (default: the framework's; Megatron fp32)")
     p.add_argument("-o", "--output", help="write the plan as YAML to this file (with --export: the exported config)")
     p.add_argument("--report", help="also draw the plan: a self-contained .html page or a .png figure")
     p.add_argument("--export", choices=EXPORTERS,
@@ -93,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     with _progress(f"planning {Path(args.model).name} on {args.gpus} GPUs", args.quiet):
         result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
                       seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
-                      layout=args.layout, gpu_memory_gib=args.gpu_memory_gib, framework=args.framework)
+                      layout=args.layout, gpu_memory_gib=args.gpu_memory_gib, framework=args.framework,
+                      grad_reduce=args.grad_reduce)
     _write_outputs(args, result)
     print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
     if not result.predicted["fits"]:

@@ -256,7 +256,7 @@ def test_cli_flags_are_frozen():
     assert flags == sorted([
         "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
         "--precision", "--json", "--micro-batch", "--seq-len", "--debug", "-o", "--output",
-        "--report", "--export", "--quiet", "--framework",
+        "--report", "--export", "--quiet", "--framework", "--grad-reduce",
     ])
 
 
@@ -291,3 +291,20 @@ def test_explain_bad_plan_files(tmp_path):
     assert_user_error(plan("explain", tmp_path / "missing.yaml"), "no such plan file")
     bad = write(tmp_path, "bad.yaml", "schema_version: 99\n")
     assert_user_error(plan("explain", bad), "schema_version")
+
+
+def test_grad_reduce_changes_megatron_gradient_memory(tmp_path):
+    """--grad-reduce bf16 (Megatron's --grad-reduce-in-bf16) halves the gradient buffer of the fp32 default,
+    and the plan records it."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "autoshard.planner.cli", "examples/specs/llama3_8b.yaml", "--gpus", "8",
+            "--profile", "h100_ib", "--global-batch", "8", "--framework", "megatron", "--layout",
+            "tp=1,pp=1,cp=1,ep=1,dp=8,zero=1,mbs=1,recompute=full", "--json", "--quiet"]
+    out = {g: json.loads(subprocess.run(args + (["--grad-reduce", g] if g else []), capture_output=True,
+                                        text=True, check=True).stdout) for g in (None, "bf16")}
+    grads = {g: o["predicted"]["memory_breakdown_gib"]["gradients"] for g, o in out.items()}
+    assert grads["bf16"] == pytest.approx(grads[None] / 2, rel=1e-3)  # the JSON rounds to 4 decimals
+    assert out["bf16"]["training"]["grad_reduce"] == "bf16" and "grad_reduce" not in out[None]["training"]
