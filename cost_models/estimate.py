@@ -26,7 +26,7 @@ from autoshard.planner.capture.model_graph import ModelGraph
 from . import communication as comm
 from . import memory, pipeline
 from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
-from .framework import Framework, get_framework
+from .framework import Framework, get_framework, with_cp_attention
 from .layout import Layout, Training
 from .validity import check
 from .work import ACT_BYTES, UnitWork, cost_key, model_work
@@ -107,7 +107,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     """
     if validate:
         check(graph, layout, training)
-    fw = framework or get_framework(training.framework)
+    fw = with_cp_attention(framework or get_framework(training.framework), training.cp_attention)
     m = training.global_batch // (layout.dp * layout.mbs)
     tokens = layout.mbs * training.seq_len
     stages = assign_stages(work or model_work(graph), layout, split)
@@ -240,14 +240,17 @@ def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profi
 def _cp_exposed(w: UnitWork, tokens: float, tp: int, cp: int, cp_comm: str, attn_fwd_s: float,
                 group: comm.Group, profile: Profile) -> float:
     """Context-parallel exchange left exposed, per micro-batch. Ring: cp-1 steps of the local keys/values
-    forward (keys/values and their gradients back), each hidden behind the attention of the previous block.
+    forward; backward, the keys/values again and their gradients, which take one step more to come home
+    (2cp-1 messages; transforms/cp.py ring_backward), each hidden behind the attention of the block held.
     All-gather: the keys/values of all ranks gathered before attention and their gradients reduce-scattered
-    after it, neither overlapped (Llama 3 Sec. 3.3.2; transforms/cp.py keeps the gathered keys/values)."""
+    after it, neither overlapped (Llama 3 Sec. 3.3.2; transforms/cp.py with cp_attention=allgather keeps the
+    gathered keys/values)."""
     if cp_comm == "ring":
         kv = tokens / cp * w.kv_bytes / tp
         ring = (cp - 1) * comm.p2p(kv, group, profile)
+        back = ring + cp * comm.p2p(kv, group, profile)
         out = 0.0
-        for traffic, compute in ((ring, attn_fwd_s), (2 * ring, ATTN_BWD_FACTOR * attn_fwd_s)):
+        for traffic, compute in ((ring, attn_fwd_s), (back, ATTN_BWD_FACTOR * attn_fwd_s)):
             # what hides still slows the attention it overlaps (NCCL's kernels take SMs: COST_MODEL_NOTES 6)
             out += max(0.0, traffic - compute) + (profile.overlap_slowdown - 1) * min(traffic, compute)
         return out

@@ -13,7 +13,7 @@ source uses them), DeepSpeed and plain torch have 1 and 2 runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -40,8 +40,12 @@ class Framework:
     """How context-parallel attention runs: "ring" (keys/values passed round the cp ranks while the previous
     block computes, one causal flash kernel per step: TE's p2p CP), "allgather" (keys/values all-gathered
     before attention, not overlapped, one causal kernel per chunk: torch's context_parallel default rotate
-    method, Llama 3) or "allgather_masked" (autoshard's transforms/cp.py: all-gathered keys/values and one
-    SDPA call with an explicit mask over every key, so causality skips no work)."""
+    method, Llama 3) or "allgather_masked" (autoshard's transforms/cp.py with cp_attention=allgather:
+    all-gathered keys/values and one SDPA call with an explicit mask over every key, so causality skips no
+    work). autoshard's default, cp_attention=ring, is "ring" (transforms/cp.py: P2P round the cp ranks,
+    overlapped with the attention of the block held, one kernel per step)."""
+    cp_allgather: str = "allgather"
+    """What its all-gather CP is (`cp_comm` under Training.cp_attention="allgather")."""
     zero_stages: tuple[int, ...]
     """The ZeRO stages the framework runs (0: replicated DDP)."""
     interleaved: bool
@@ -59,7 +63,7 @@ class Framework:
 
 FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
-        name="torch", cp_comm="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
+        name="torch", cp_comm="ring", cp_allgather="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=True,
         kernel_efficiency=0.90, prior=0.90,
@@ -106,6 +110,14 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
                "kernel_efficiency fitted by benchmarks/accuracy.py on the 4 Ultra-Scale Playbook runs (the only "
                "nanotron source: left out in cross-validation, it falls back to the prior)"),
 )}
+
+
+def with_cp_attention(fw: Framework, cp_attention: str | None) -> Framework:
+    """`fw` running context-parallel attention as `cp_attention` says: "ring", "allgather" (its all-gather
+    kind, `cp_allgather`), or None (its default, `cp_comm`)."""
+    if cp_attention is None:
+        return fw
+    return replace(fw, cp_comm="ring" if cp_attention == "ring" else fw.cp_allgather)
 
 
 def get_framework(name: str) -> Framework:

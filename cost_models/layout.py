@@ -102,6 +102,9 @@ class Training:
     grad_reduce: str | None = None
     """Gradient buffer and reduction dtype, fp32 or bf16; None: the framework's default (Megatron fp32,
     `--grad-reduce-in-bf16` / grad_reduce_in_fp32=False make it bf16)."""
+    cp_attention: str | None = None
+    """How context-parallel attention runs: ring or allgather (apply_plan's `cp_attention`,
+    transforms/cp.py); None: the framework's default (framework.py `cp_comm`; ring for torch)."""
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.seq_len < 1:
@@ -113,6 +116,8 @@ class Training:
         object.__setattr__(self, "framework", get_framework(self.framework).name)
         if self.grad_reduce not in (None, "fp32", "bf16"):
             raise ValueError(f"grad_reduce must be fp32 or bf16, got {self.grad_reduce!r}")
+        if self.cp_attention not in (None, "ring", "allgather"):
+            raise ValueError(f"cp_attention must be ring or allgather, got {self.cp_attention!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 

@@ -23,7 +23,8 @@ and GPU count), keeping the newest N. A job started again with the same command 
 a rank died) continues from the newest complete checkpoint in DIR; `--resume PATH` loads a given checkpoint
 (or the newest in a folder of them). A missing, damaged or foreign checkpoint exits with 2, nothing written.
 `--precision bf16` computes in bf16 with fp32 master weights and fp32 gradient reduction (FSDP2, zero 2 or 3;
-transforms/precision.py); the default is fp32.
+transforms/precision.py); the default is fp32. `--cp-attention allgather` runs context-parallel attention on
+all-gathered keys and values instead of the ring (transforms/cp.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> int:
                             f"micro-batch({layout.mbs})")
         rank = _init_distributed(world)
         parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                split=split, precision=args.precision)
+                                split=split, precision=args.precision, cp_attention=args.cp_attention)
         start, position = _resume(parallel, args, rank)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -182,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                                                              "the last only")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --checkpoint-dir, the newest (0: all)")
     p.add_argument("--resume", help="load this checkpoint (or the newest in this folder of them) before training")
+    p.add_argument("--cp-attention", choices=["ring", "allgather"], default="ring",
+                   help="context-parallel attention: ring (keys/values passed round the cp ranks, overlapped) or "
+                        "allgather (keys/values all-gathered; transforms/cp.py)")
     p.add_argument("--verify", action="store_true",
                    help="before training, compare one forward/backward with the unsharded model (built whole on "
                         "every rank: use a small config of the architecture); exit 1 if the losses differ")

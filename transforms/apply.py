@@ -170,17 +170,19 @@ def axis_meshes(root: DeviceMesh) -> Meshes:
 
 def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | DeviceMesh | None = None,
                  recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None,
-                 split: list[int] | None = None, precision: str = "fp32") -> ParallelModel:
+                 split: list[int] | None = None, precision: str = "fp32", cp_attention: str = "ring") -> ParallelModel:
     """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
     with meta parameters (transforms/init.py) gets its shards allocated and initialised from `seed`.
     `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices).
     `split`: blocks per pipeline chunk (pp x vpp of them; the plan's stage split), even when None.
     `precision`: "fp32", or "bf16": bf16 compute, fp32 master weights and gradient reduction (FSDP2's
-    mixed precision, zero 2-3: transforms/precision.py)."""
+    mixed precision, zero 2-3: transforms/precision.py).
+    `cp_attention`: how context-parallel attention runs, "ring" (overlapped ring attention) or "allgather"
+    (all-gathered keys and values; transforms/cp.py)."""
     meta = is_meta(model)
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
-    check_layout(model, layout, graph=graph)
+    check_layout(model, layout, graph=graph, cp_attention=cp_attention)
     try:
         check_precision(precision, layout)
     except ValueError as exc:
@@ -193,12 +195,13 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         mesh = axis_meshes(mesh)
     if layout.pp > 1:
         return apply_pipeline(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed,
-                              split=split, identity=identity, mp_policy=mp_policy)
+                              split=split, identity=identity, mp_policy=mp_policy, cp_attention=cp_attention)
     device = device_for_rank()
     if not meta:
         model.to(device)
     blocks = [b.name for b in graph.blocks]
-    split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh, mp_policy=mp_policy)
+    split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh, mp_policy=mp_policy,
+                                                cp_attention=cp_attention)
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
     apply_ac(model, blocks=blocks, modes=modes)
     replicas = layout.dp * layout.cp  # ZeRO shards over dp x cp; the cp ranks hold the same weights
@@ -218,7 +221,7 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
                          split_batch=split_batch, experts=experts, **identity)
 
 
-def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None:
+def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, cp_attention: str = "ring") -> None:
     """Refuse, on every rank and before any collective, a layout the model cannot take exactly: each module
     TP or EP would shard must be a pattern they know (transforms/tp.py check_tp, transforms/ep.py check_ep);
     a silently different model is never the result. Modules TP runs replicated instead are named in a
@@ -227,7 +230,7 @@ def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None
         if layout.tp > 1:
             check_tp(model, graph, tp=layout.tp, sp=layout.sp)
         if layout.cp > 1:
-            check_cp(model, graph, cp=layout.cp)
+            check_cp(model, graph, cp=layout.cp, attention=cp_attention)
         if layout.ep > 1:
             check_ep(model, graph, ep=layout.ep, replicas=layout.dp * layout.cp, zero=layout.zero)
     except ValueError as exc:
@@ -235,7 +238,7 @@ def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph) -> None
 
 
 def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | None,
-                         mp_policy=None) -> tuple[BatchSplit, ExpertShards | None]:
+                         mp_policy=None, cp_attention: str = "ring") -> tuple[BatchSplit, ExpertShards | None]:
     """TP/SP -> CP -> EP on `model` (the whole model, or a pipeline chunk's cut-down copy); returns the batch
     split (CP's) and this rank's experts (EP's)."""
     split_batch: BatchSplit = whole_batch
@@ -244,7 +247,7 @@ def shard_model_parallel(model: nn.Module, layout: Layout, *, graph: ModelGraph,
         if layout.tp > 1:
             apply_tp(model, mesh=mesh["tp"], graph=graph, sp=layout.sp)
         if layout.cp > 1:  # after TP: the attention modules keep their names, their k/v are this rank's heads
-            split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph)
+            split_batch = apply_cp(model, mesh=mesh["cp"], graph=graph, attention=cp_attention)
         if layout.ep > 1:  # before recompute and DP: those wrap and shard the final (local) experts
             experts = apply_ep(model, mesh=mesh["dp_cp"], graph=graph, ep=layout.ep, zero=layout.zero,
                                mp_policy=mp_policy)
@@ -322,7 +325,8 @@ def _plain(t: Tensor) -> Tensor:
 
 def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes,
                    recompute: dict[str, str] | None, lr: float, seed: int | None,
-                   split: list[int] | None, identity: dict[str, str], mp_policy=None) -> PipelineParallelModel:
+                   split: list[int] | None, identity: dict[str, str], mp_policy=None,
+                   cp_attention: str = "ring") -> PipelineParallelModel:
     """PP first (each rank keeps its chunks), then per chunk TP/SP -> recompute -> weights, then DP/ZeRO over
     all of this rank's chunks."""
     device = device_for_rank()
@@ -339,8 +343,8 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh, mp_policy=mp_policy)
-             for chunk in chunks]
+    parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh, mp_policy=mp_policy,
+                                  cp_attention=cp_attention) for chunk in chunks]
     split_batch = parts[0][0]
     experts = merge_expert_shards([e for _, e in parts if e is not None])
     names = [b.name for b in graph.blocks]
@@ -377,10 +381,11 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
 
 
 def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, lr: float = 1e-3,
-               seed: int | None = None, precision: str = "fp32") -> ParallelModel:
+               seed: int | None = None, precision: str = "fp32", cp_attention: str | None = None) -> ParallelModel:
     """Shard `model` as `plan` says on the current process group (see `apply_layout` for `seed`).
     `precision`: "fp32" (the default: CPU runs and checks), "bf16", or "plan" for the plan's training
-    precision (transforms/precision.py)."""
+    precision (transforms/precision.py). `cp_attention`: "ring" or "allgather" (transforms/cp.py); None: the
+    plan's training.cp_attention if it has one (what it was priced with), else "ring"."""
     layout = plan.layout_obj()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if plan.gpus != world:
@@ -394,7 +399,7 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
     if precision == "plan":
         precision = plan.training.get("precision", "fp32")
     return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed, split=split,
-                        precision=precision)
+                        precision=precision, cp_attention=cp_attention or plan.training.get("cp_attention") or "ring")
 
 
 def plan_choices(plan: Plan, graph: ModelGraph) -> tuple[dict[str, str], list[int] | None]:

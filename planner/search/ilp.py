@@ -43,7 +43,7 @@ import pulp
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
 from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time
-from autoshard.cost_models.framework import Framework, get_framework
+from autoshard.cost_models.framework import Framework, get_framework, with_cp_attention
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
 from autoshard.hardware_profiles import Profile
@@ -80,7 +80,7 @@ class StageILP:
     def __init__(self, work: list[UnitWork], layout: Layout, training: Training, profile: Profile,
                  *, vocab: int, modes: tuple[str, ...] = RECOMPUTE, framework: Framework | None = None) -> None:
         self.layout, self.training, self.profile, self.modes = layout, training, profile, modes
-        self.fw = framework or get_framework(training.framework)
+        self.fw = with_cp_attention(framework or get_framework(training.framework), training.cp_attention)
         self.vocab = vocab
         self.m = training.global_batch // (layout.dp * layout.mbs)
         self.tokens = layout.mbs * training.seq_len

@@ -46,7 +46,7 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
         raise train.UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout_.dp}) x "
                               f"micro-batch({layout_.mbs})")
     parallel = train.apply_layout(model_, layout_, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                  split=split)
+                                  split=split, cp_attention=args.cp_attention)
     losses, grads = [], {}
     for step in range(args.steps):
         losses.append(parallel.train_step(train._batch(args, vocab, step)))

@@ -73,15 +73,18 @@ def test_nothing_fits_says_by_how_much():
 
 def test_long_sequences_choose_context_parallelism():
     """Llama-3 8B at 128K tokens on 64 GPUs under Megatron-Core (TE's overlapped ring): activations need the
-    sequence split. autoshard's own CP (all-gather with a masked kernel that skips no causal work) doubles
-    the attention that dominates at 128K, and the planner prices exactly that: it splits heads instead."""
+    sequence split. autoshard's ring CP (its default, transforms/cp.py) is priced as such a ring and chosen
+    too; its all-gather CP (cp_attention=allgather: a masked kernel that skips no causal work) doubles the
+    attention that dominates at 128K, and the planner prices exactly that: it splits heads instead."""
     graph = capture(SPECS / "llama3_8b.yaml", 1, 131072)
     training = Training(global_batch=64, seq_len=131072, framework="megatron")
     result = search(graph, 64, training, H100)
     check_plan(graph, result, 64, training)
     assert result.best.layout.cp > 1
-    native = search(graph, 64, Training(global_batch=64, seq_len=131072), H100)
-    assert native.best.layout.cp < result.best.layout.cp
+    ring = search(graph, 64, Training(global_batch=64, seq_len=131072), H100)
+    assert ring.best.layout.cp > 1
+    allgather = search(graph, 64, Training(global_batch=64, seq_len=131072, cp_attention="allgather"), H100)
+    assert allgather.best.layout.cp < result.best.layout.cp
 
 
 def test_moe_plan_uses_expert_parallelism():

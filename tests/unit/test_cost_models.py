@@ -234,10 +234,12 @@ def test_framework_lookup_names_the_valid_ones():
 
 def test_cp_time_follows_how_the_framework_runs_it():
     """The same cp=4 layout: TE's overlapped ring hides its exchange behind attention; all-gather CP exposes a
-    gather and a reduce-scatter; autoshard's masked all-gather kernel also computes the non-causal half."""
+    gather and a reduce-scatter; autoshard's masked all-gather kernel (cp_attention=allgather) also computes
+    the non-causal half."""
     graph = capture("examples/specs/llama3_8b.yaml", 1, 32768)
     layout = Layout(cp=4, dp=1, zero=3)  # a stage all three run
-    train = {fw: Training(global_batch=4, seq_len=32768, framework=fw) for fw in ("megatron", "torchtitan", "torch")}
+    train = {fw: Training(global_batch=4, seq_len=32768, framework=fw) for fw in ("megatron", "torchtitan")}
+    train["torch"] = Training(global_batch=4, seq_len=32768, framework="torch", cp_attention="allgather")
     est = {fw: estimate(graph, layout, t, PROFILE) for fw, t in train.items()}
     cp = {fw: e.time_breakdown["cp_exposed"] for fw, e in est.items()}
     assert cp["torchtitan"] > cp["megatron"]
@@ -245,6 +247,26 @@ def test_cp_time_follows_how_the_framework_runs_it():
     assert est["torch"].time_breakdown["compute"] > est["torchtitan"].time_breakdown["compute"]
     # all-gather CP keeps the gathered keys/values: more activation memory than the ring
     assert est["torch"].memory_breakdown["activations"] > est["megatron"].memory_breakdown["activations"]
+
+
+def test_cp_time_follows_cp_attention():
+    """apply_plan runs ring CP by default (transforms/cp.py): priced as Megatron's overlapped ring, with no
+    gathered keys/values kept; cp_attention=allgather prices its all-gather (exposed gather and
+    reduce-scatter, the masked kernel's doubled attention, the gathered keys/values kept)."""
+    graph = capture("examples/specs/llama3_8b.yaml", 1, 32768)
+    layout = Layout(cp=4, dp=1, zero=3)
+    est = {a: estimate(graph, layout, Training(global_batch=4, seq_len=32768, cp_attention=a), PROFILE)
+           for a in (None, "ring", "allgather")}
+    megatron = estimate(graph, layout, Training(global_batch=4, seq_len=32768, framework="megatron"), PROFILE)
+    time = {a: e.time_breakdown for a, e in est.items()}
+    assert time[None] == time["ring"]  # ring is the torch default
+    assert time["ring"]["cp_exposed"] == pytest.approx(megatron.time_breakdown["cp_exposed"])
+    assert time["allgather"]["cp_exposed"] > time["ring"]["cp_exposed"]
+    assert time["allgather"]["compute"] > time["ring"]["compute"]
+    mem = {a: e.memory_breakdown["activations"] for a, e in est.items()}
+    assert mem["allgather"] > mem["ring"]
+    with pytest.raises(ValueError, match="cp_attention must be ring or allgather"):
+        Training(global_batch=4, seq_len=32768, cp_attention="ulysses")
 
 
 def test_zero3_gathers_per_linear_pay_more_latency():
