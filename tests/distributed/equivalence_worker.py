@@ -6,9 +6,10 @@ all of them (about 3.5 CPU seconds per rank and launch, most of a tiny case's co
         --cases '[["case-id", "examples/specs/tiny_llama.yaml", "tp=2", ["--stage-split", "1,3"]], ...]'
 
 Each case runs as examples/train.py runs it (its argument parser with the test's arguments, its model
-builder, layout parsing, batch check and synthetic batches; only the process group is started once for
-all cases): rank 0 saves {"losses": [...], "grads": whole gradients after step 1} to DIR/case-<i>.pt, i
-the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
+builder, layout parsing, batch check, apply_layout arguments and synthetic batches; only the process group
+is started once for all cases; train.py's checkpoint, --verify and --grads-out options are not mirrored
+and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after step 1} to DIR/case-<i>.pt,
+i the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
 its own (train.py's reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id
 "reference:<model>". rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
 A layout refused on every rank before any collective (UserError/ValueError, train.py's exit 2) is printed as
@@ -39,6 +40,8 @@ BASE = ["--steps", "5", "--seed", "7", "--global-batch", "8", "--seq-len", "32"]
 def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """train.main's body for one case on `world` ranks (1: the unsharded reference on this rank alone)."""
     args = train._parser().parse_args(["--model", model, *BASE, *(["--layout", layout] if layout else []), *extra])
+    unmirrored = [f for f in ("checkpoint_dir", "resume", "verify", "grads_out") if getattr(args, f, None)]
+    assert not unmirrored, f"equivalence_worker.py does not run train.py's {unmirrored}: launch train.py instead"
     model_, vocab = train._build(args)
     graph = train.capture(model_, 1, args.seq_len)
     layout_, recompute, split = train._layout(args, world, graph)
@@ -46,7 +49,7 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
         raise train.UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout_.dp}) x "
                               f"micro-batch({layout_.mbs})")
     parallel = train.apply_layout(model_, layout_, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                  split=split, cp_attention=args.cp_attention)
+                                  split=split, precision=args.precision, cp_attention=args.cp_attention)
     losses, grads = [], {}
     for step in range(args.steps):
         losses.append(parallel.train_step(train._batch(args, vocab, step)))
