@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from autoshard.cost_models.estimate import estimate  # noqa: E402
 from autoshard.cost_models.framework import Framework, get_framework  # noqa: E402
-from autoshard.cost_models.layout import RECOMPUTE  # noqa: E402
+from autoshard.cost_models.layout import Layout  # noqa: E402
+from autoshard.cost_models.pipeline import split_blocks  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
 from autoshard.planner.capture.loading import LoadedModel, token_inputs  # noqa: E402
 from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
@@ -70,27 +71,26 @@ def fitting_layout(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> 
     are never changed."""
     if not any(a.startswith("recompute=") for a in run.assumptions):
         return run
-    options = [(dataclasses.replace(run.layout, recompute=r), None) for r in ("none", "selective")]
-    options += [(dataclasses.replace(run.layout, recompute="none"), _first_blocks(graph, run.layout, k))
-                for k in range(1, math.ceil(len(graph.blocks) / (run.layout.pp * run.layout.vpp)))]
-    options.append((dataclasses.replace(run.layout, recompute="full"), None))
-    for layout, blocks in options:
+    chunks = run.layout.pp * run.layout.vpp
+    options = [(r, 0) for r in ("none", "selective")]
+    options += [("none", k) for k in range(1, math.ceil(len(graph.blocks) / chunks))]
+    options.append(("full", 0))
+    for recompute, k in options:
+        layout = dataclasses.replace(run.layout, recompute=recompute)
+        blocks = _first_blocks(graph, layout, k) if k else None
         if estimate(graph, layout, run.training, profile, recompute=blocks).fits:
             break
     if layout == run.layout and blocks is None:
         return run
-    what = f"full for the first {sum(v == 'full' for v in blocks.values()) // (layout.pp * layout.vpp)} " \
-           f"block(s) of each model chunk" if blocks else layout.recompute
+    what = f"full for the first {k} block(s) of each model chunk" if k else recompute
     note = (f"recompute={what}: not stated, and the lighter settings do not fit in memory by our model"
             if what != "none" else "recompute=none: not stated; it fits without recompute by our model")
     return dataclasses.replace(run, layout=layout, recompute_blocks=blocks,
                                assumptions=(*run.assumptions, note))
 
 
-def _first_blocks(graph: ModelGraph, layout, k: int) -> dict[str, str]:
+def _first_blocks(graph: ModelGraph, layout: Layout, k: int) -> dict[str, str]:
     """Full recompute for the first k blocks of each of the pp x vpp model chunks (even split)."""
-    from autoshard.cost_models.pipeline import split_blocks
-
     names, out, start = [b.name for b in graph.blocks], {}, 0
     for size in split_blocks(len(names), layout.pp * layout.vpp):
         out.update({n: "full" for n in names[start:start + min(k, size)]})

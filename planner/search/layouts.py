@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoshard.cost_models.estimate import Estimate, estimate
-from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.framework import get_framework
+from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.validity import cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
@@ -126,8 +126,8 @@ def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Pro
             if (gpus // tp) % cp:
                 broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) does not divide the {gpus} GPUs")
                 continue
-            if cp_errors(training.seq_len, cp):
-                broken += cp_errors(training.seq_len, cp)
+            if errors := cp_errors(training.seq_len, cp):
+                broken += errors
                 continue
             for pp in _choices("pp", divisors(gpus // (tp * cp)), fixed):
                 if (gpus // (tp * cp)) % pp:
