@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoshard.cost_models.estimate import estimate  # noqa: E402
-from autoshard.cost_models.framework import Framework, get_framework  # noqa: E402
+from autoshard.cost_models.framework import Framework, get_framework, kernel_family  # noqa: E402
 from autoshard.cost_models.layout import Layout  # noqa: E402
 from autoshard.cost_models.pipeline import split_blocks  # noqa: E402
 from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
@@ -132,7 +132,7 @@ def with_coefficients(profile: Profile, coeffs: dict[str, float]) -> Profile:
 
 def framework_of(case: Case, coeffs: dict[str, float]) -> Framework:
     fw = get_framework(case.run.training.framework)
-    key = f"fw:{fw.name}:{FRAMEWORK_KEY}"
+    key = f"fw:{kernel_family(fw)}:{FRAMEWORK_KEY}"
     return dataclasses.replace(fw, kernel_efficiency=coeffs[key]) if key in coeffs else fw
 
 
@@ -155,7 +155,8 @@ def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int
     keys = [f"{f}:{k}" for f in sorted(families) for k in FAMILY_KEYS] + list(GLOBAL_KEYS)
     runs_per_fw: dict[str, int] = {}
     for c in cases:
-        runs_per_fw[c.run.training.framework] = runs_per_fw.get(c.run.training.framework, 0) + 1
+        family = kernel_family(get_framework(c.run.training.framework))
+        runs_per_fw[family] = runs_per_fw.get(family, 0) + 1
     keys += [f"fw:{f}:{FRAMEWORK_KEY}" for f, n in sorted(runs_per_fw.items())
              if n >= MIN_FRAMEWORK_RUNS and f != "megatron"]
 
@@ -196,7 +197,7 @@ def initial(cases: list[Case]) -> dict[str, float]:
         for k in GLOBAL_KEYS:
             start.setdefault(k, 1.0 if k == "network_scale" else prior_of(c.profile, k))
         fw = get_framework(c.run.training.framework)
-        start.setdefault(f"fw:{fw.name}:{FRAMEWORK_KEY}", fw.prior)
+        start.setdefault(f"fw:{kernel_family(fw)}:{FRAMEWORK_KEY}", fw.prior)
     return start
 
 

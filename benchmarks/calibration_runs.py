@@ -54,8 +54,9 @@ Rules
       set grad_reduce_in_fp32=False, as NeMo 2's pretrain_recipe_performance does); else the framework's
       default (Megatron: fp32 main gradients, Megatron-LM arguments.py for bf16).
    b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline);
-      else by source family: Megatron-LM/Core for SC'21, Korthikanti, the Megatron-Core README, NeMo,
-      Megatron-Bridge and MegaScale; torchtitan; torch (PyTorch FSDP through Composer) for llm-foundry;
+      else by source family: Megatron-LM as of 2021-2023 (megatron_2023: no context parallelism, no
+      ZeRO-3) for SC'21, Korthikanti and MegaScale; Megatron-Core for the Megatron-Core README, NeMo and
+      Megatron-Bridge; torchtitan; PyTorch FSDP alone (torch_fsdp, through Composer) for llm-foundry;
       nanotron for the Ultra-Scale Playbook.
 4. Profile, from `hardware.gpu` and `hardware.inter_node`: GB200 -> gb200_nvl72; B200 -> b200_ib;
    H200 -> h200_ib; H800 -> h800_ib; H100 -> h100_efa when the network text says EFA, h100_roce when it
@@ -476,10 +477,12 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
 
 
 _GROUP_FRAMEWORK = {
-    "megatron_sc21": "megatron", "korthikanti": "megatron", "megatron_h100_readme": "megatron",
-    "nemo_2407": "megatron", "nemo_cp": "megatron", "megatron_bridge": "megatron", "megascale": "megatron",
-    "torchtitan": "torchtitan", "llmfoundry": "torch", "ultrascale": "nanotron",
+    "megatron_sc21": "megatron_2023", "korthikanti": "megatron_2023", "megatron_h100_readme": "megatron",
+    "nemo_2407": "megatron", "nemo_cp": "megatron", "megatron_bridge": "megatron", "megascale": "megatron_2023",
+    "torchtitan": "torchtitan", "llmfoundry": "torch_fsdp", "ultrascale": "nanotron",
 }
+"""The framework, as it was when the run trained: Megatron-LM of 2021-2023 had no context parallelism or
+ZeRO-3 (megatron_2023; same kernels as megatron), llm-foundry's 2023 MPT runs used FSDP alone (torch_fsdp)."""
 
 
 def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:

@@ -55,8 +55,13 @@ class Framework:
     or all-reduce) run asynchronously under their dgrad/wgrad GEMMs (Megatron-Core's and TE's linears)."""
     zero_with_pp: int = 3
     """The highest ZeRO stage it combines with pipeline parallelism."""
+    dims: tuple[str, ...] = ("tp", "pp", "cp", "ep")
+    """The parallelisms it runs besides data parallelism (a search under it tries no other)."""
     kernel_efficiency: float
     """Fitted: fraction of the profile's GEMM and attention efficiency these kernels reach."""
+    kernels: str = ""
+    """Whose kernels it runs, the key `kernel_efficiency` is fitted under: a variant of a framework (an older
+    version, a subset of its parallelisms) shares its parent's; empty means its own name."""
     prior: float
     source: str
 
@@ -97,8 +102,8 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
         dp_bucket_bytes=5e8, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=False, zero_with_pp=1,
-        kernel_efficiency=0.90, prior=0.90,
-        source="DeepSpeed PipelineEngine: 1F1B only, ZeRO-2/3 refused with pipeline parallelism (runtime/pipe/engine.py asserts zero stage < 2); ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
+        dims=("tp", "pp", "ep"), kernel_efficiency=0.90, prior=0.90,
+        source="DeepSpeed with Megatron-style TP (Megatron-DeepSpeed); no ring context parallelism (its Ulysses sequence parallelism is an all-to-all scheme this model does not price); DeepSpeed PipelineEngine: 1F1B only, ZeRO-2/3 refused with pipeline parallelism (runtime/pipe/engine.py asserts zero stage < 2); ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
                "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
                "5e8; overlap 0.5 assumed (prefetch is partial)"),
     Framework(
@@ -110,6 +115,24 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
                "kernel_efficiency fitted by benchmarks/accuracy.py on the 4 Ultra-Scale Playbook runs (the only "
                "nanotron source: left out in cross-validation, it falls back to the prior)"),
 )}
+FRAMEWORKS["megatron_2023"] = replace(
+    FRAMEWORKS["megatron"], name="megatron_2023", kernels="megatron", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
+    description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
+                "Korthikanti et al., MegaScale's Megatron-LM baseline)",
+    source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
+           "(ZeRO-3) in 2025, so runs of 2021-2023 could use neither")
+FRAMEWORKS["torch_fsdp"] = replace(
+    FRAMEWORKS["torch"], name="torch_fsdp", kernels="torch", zero_stages=(0, 2, 3), dims=(), interleaved=False,
+    description="PyTorch FSDP (v1) data parallelism only: NO_SHARD, SHARD_GRAD_OP or FULL_SHARD (MosaicML "
+                "llm-foundry / Composer, 2023)",
+    source="torch.distributed.fsdp.ShardingStrategy NO_SHARD / SHARD_GRAD_OP / FULL_SHARD = ZeRO 0 / 2 / 3; "
+           "llm-foundry's 2023 training configs shard with FSDP only (no tensor, pipeline or context "
+           "parallelism); kernels as torch")
+
+
+def kernel_family(fw: Framework) -> str:
+    """The name `fw`'s kernel efficiency is fitted under (Framework.kernels)."""
+    return fw.kernels or fw.name
 
 
 def with_cp_attention(fw: Framework, cp_attention: str | None) -> Framework:
@@ -121,11 +144,13 @@ def with_cp_attention(fw: Framework, cp_attention: str | None) -> Framework:
 
 
 def get_framework(name: str) -> Framework:
-    """Case-insensitive lookup; an unknown name lists the valid ones."""
-    key = name.strip().lower().replace("-", "").replace("_", "")
+    """Case-insensitive lookup ignoring '-' and '_'; an unknown name lists the valid ones."""
+    def squash(text: str) -> str:
+        return text.strip().lower().replace("-", "").replace("_", "")
+
     aliases = {"megatronlm": "megatron", "megatroncore": "megatron", "nemo": "megatron", "autoshard": "torch",
-               "pytorch": "torch"}
-    key = aliases.get(key, key)
-    if key not in FRAMEWORKS:
+               "pytorch": "torch", **{squash(n): n for n in FRAMEWORKS}}
+    key = aliases.get(squash(name))
+    if key is None:
         raise ValueError(f"unknown framework {name!r}; valid: {', '.join(FRAMEWORKS)}")
     return FRAMEWORKS[key]

@@ -17,10 +17,18 @@ Rules (what each framework checks):
 - EP divides the experts (and dp x cp, checked by Layout itself);
 - what the framework runs at all (framework.py): its ZeRO stages (nanotron 0-1, Megatron 0/1/3,
   torchtitan 0/2/3), interleaving (not DeepSpeed's or nanotron's pipeline engines) and ZeRO with a
-  pipeline (DeepSpeed refuses ZeRO-2/3 with pipeline parallelism);
+  pipeline (DeepSpeed refuses ZeRO-2/3 with pipeline parallelism), and its parallelisms (`Framework.dims`:
+  no context parallelism in Megatron-LM before 2024 or in DeepSpeed, FSDP only in llm-foundry);
 - under torch's pipelining schedules (frameworks torch and torchtitan), interleaved 1F1B runs its m
   micro-batches in rounds of max(1, m // pp): m must be a multiple of the rounds
-  (torch.distributed.pipelining.ScheduleInterleaved1F1B).
+  (torch.distributed.pipelining.ScheduleInterleaved1F1B), and so does zb_interleaved at any vpp
+  (ScheduleInterleavedZeroBubble);
+- zero-bubble schedules (zb_interleaved, zbv) are torch.distributed.pipelining's: only the frameworks
+  that run its schedules have them; zbv's V is exactly 2 chunks per rank (ScheduleZBVZeroBubble raises
+  "ZBV requires exactly 2 stages per rank"); under autoshard's own runtime (framework torch) not with
+  ZeRO-3: FSDP2 reshards each block after its forward, and torch's weight-gradient pass looks the
+  parameters up on the module, finding the sharded ones the graph never used (their gradients were
+  silently lost in our test; torchtitan keeps the blocks gathered under a pipeline and is not affected).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from autoshard.planner.capture.model_graph import ModelGraph
 
 from .framework import get_framework
 from .layout import Layout, Training
+from .pipeline import ZERO_BUBBLE
+
+DIM_NAMES = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
+             "ep": "expert parallelism"}
 
 TORCH_SCHEDULES = ("torch", "torchtitan")
 """Frameworks that run torch.distributed.pipelining's schedules."""
@@ -47,10 +59,7 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     out += tp_errors(graph, layout.tp)
     out += cp_errors(training.seq_len, layout.cp)
     m = training.global_batch // (layout.dp * layout.mbs)
-    rounds = max(1, m // layout.pp)
-    if layout.vpp > 1 and training.framework in TORCH_SCHEDULES and m and m % rounds:
-        out.append(f"interleaved rounds (torch's ScheduleInterleaved1F1B): the {m} micro-batches must be a "
-                   f"multiple of max(1, m // pp({layout.pp})) = {rounds}")
+    out += schedule_errors(layout, training.framework, m)
     out += framework_errors(layout, training.framework)
     moe = next((b.moe for b in graph.blocks if b.moe), None)
     if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
@@ -67,8 +76,37 @@ def framework_errors(layout: Layout, framework: str) -> list[str]:
         out.append(f"ZeRO stages of {fw.name}: it runs {', '.join(map(str, fw.zero_stages))}, not {layout.zero}")
     if layout.vpp > 1 and not fw.interleaved:
         out.append(f"{fw.name} has no interleaved pipeline schedule: vpp must be 1, got {layout.vpp}")
+    for dim in ("tp", "pp", "cp", "ep"):
+        if getattr(layout, dim) > 1 and dim not in fw.dims:
+            runs = ", ".join(fw.dims) or "data parallelism only"
+            out.append(f"{fw.name} has no {DIM_NAMES[dim]}: {dim} must be 1, got {getattr(layout, dim)} (it runs {runs})")
     if layout.pp > 1 and layout.zero > fw.zero_with_pp:
         out.append(f"{fw.name} runs ZeRO up to stage {fw.zero_with_pp} with pipeline parallelism, not {layout.zero}")
+    return out
+
+
+def schedule_errors(layout: Layout, framework: str, m: int | None = None) -> list[str]:
+    """The pipeline schedule's rules: torch's rounds of micro-batches (when `m` is known), the zero-bubble
+    schedules only under torch's pipelining, zbv's two chunks per rank."""
+    if layout.pp == 1:
+        return []
+    out = []
+    torch_schedules = get_framework(framework).name in TORCH_SCHEDULES
+    rounds = max(1, (m or 0) // layout.pp)
+    if (layout.vpp > 1 or layout.schedule == "zb_interleaved") and torch_schedules and m and m % rounds:
+        cls = "ScheduleInterleavedZeroBubble" if layout.schedule == "zb_interleaved" else "ScheduleInterleaved1F1B"
+        out.append(f"interleaved rounds (torch's {cls}): the {m} micro-batches must be a "
+                   f"multiple of max(1, m // pp({layout.pp})) = {rounds}")
+    if layout.schedule in ZERO_BUBBLE and not torch_schedules:
+        out.append(f"zero-bubble schedules are torch.distributed.pipelining's: {framework} has no "
+                   f"{layout.schedule} (frameworks that run it: {', '.join(TORCH_SCHEDULES)})")
+    if layout.schedule in ZERO_BUBBLE and layout.zero == 3 and get_framework(framework).name == "torch":
+        out.append(f"zero-bubble weight pass under ZeRO-3: autoshard's FSDP2 reshards each block after its forward "
+                   f"and torch's weight-gradient pass ({layout.schedule}) then misses the parameters the graph used; "
+                   f"zero must be at most 2, got 3")
+    if layout.schedule == "zbv" and layout.vpp != 2:
+        out.append(f"zbv's V (torch's ScheduleZBVZeroBubble): exactly 2 chunks per pipeline rank, vpp must be 2, "
+                   f"got {layout.vpp}")
     return out
 
 

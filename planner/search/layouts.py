@@ -25,8 +25,9 @@ from typing import Any
 
 from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.framework import get_framework
-from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
-from autoshard.cost_models.validity import cp_errors, layout_errors, tp_errors
+from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
+from autoshard.cost_models.pipeline import fill_drain
+from autoshard.cost_models.validity import TORCH_SCHEDULES, cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
 from autoshard.planner.capture.model_graph import ModelGraph
@@ -112,8 +113,13 @@ def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Pro
     when the fixed keys leave no valid tuple."""
     blocks = len(graph.blocks)
     moe = next((b.moe for b in graph.blocks if b.moe), None)
+    runs = get_framework(training.framework).dims  # a parallelism the framework lacks stays at 1
+
+    def degrees(dim: str, n: int) -> list[int]:
+        return _choices(dim, divisors(n) if dim in runs else [1], fixed)
+
     out, broken = [], []
-    for tp in _choices("tp", divisors(gpus), fixed):
+    for tp in degrees("tp", gpus):
         if "tp" not in fixed and tp > profile.nvlink_domain_gpus:
             continue
         if gpus % tp:
@@ -122,14 +128,14 @@ def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Pro
         if tp_errors(graph, tp):
             broken += tp_errors(graph, tp)
             continue
-        for cp in _choices("cp", divisors(gpus // tp), fixed):
+        for cp in degrees("cp", gpus // tp):
             if (gpus // tp) % cp:
                 broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) does not divide the {gpus} GPUs")
                 continue
             if errors := cp_errors(training.seq_len, cp):
                 broken += errors
                 continue
-            for pp in _choices("pp", divisors(gpus // (tp * cp)), fixed):
+            for pp in degrees("pp", gpus // (tp * cp)):
                 if (gpus // (tp * cp)) % pp:
                     broken.append(f"degrees multiply to the GPUs: tp({tp}) x cp({cp}) x pp({pp}) does not divide "
                                   f"the {gpus} GPUs")
@@ -144,7 +150,7 @@ def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Pro
                                                           mbs=fixed.get("mbs", 1),
                                                           schedule="interleaved_1f1b"), training)
                     continue
-                for ep in _choices("ep", divisors(dp * cp) if moe else [1], fixed):
+                for ep in degrees("ep", dp * cp) if moe else _choices("ep", [1], fixed):
                     if ep > 1 and (moe is None or moe.num_experts % ep or (dp * cp) % ep):
                         have = f"{moe.num_experts} experts" if moe else "no experts"
                         broken.append(f"whole experts per rank: ep({ep}) must divide the experts ({have}) "
@@ -176,12 +182,13 @@ def _bound_fn(graph: ModelGraph, training: Training, profile: Profile, gpus: int
     """Seconds per step no layout of a tuple can beat: compute at the best efficiency plus the least bubble."""
     flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
     ideal = flops / (gpus * profile.peak_flops(training.precision) * profile.gemm_efficiency_max)
+    least_bubble = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
 
     def bound(degrees: tuple[int, int, int, int, int]) -> float:
         tp, cp, pp, dp, ep = degrees
         m = training.global_batch // dp
         vmax = max(v for v in VPP_CHOICES if pp * v <= len(graph.blocks)) if pp > 1 else 1
-        return ideal * (1 + (pp - 1) / (vmax * m))
+        return ideal * (1 + fill_drain(pp, vmax, least_bubble) / m)
 
     return bound
 
@@ -196,8 +203,10 @@ def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, i
     vpp = fixed.get("vpp") or max(v for v in VPP_CHOICES if (v == 1 or pp > 1) and pp * v <= len(graph.blocks))
     times = []
     for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))}:
+        # the least bubble: zero-bubble where the framework runs it (a bound, whatever schedule is fixed)
+        schedule = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
         layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1, recompute="none",
-                        schedule="interleaved_1f1b" if vpp > 1 else "1f1b")
+                        schedule=schedule if vpp > 1 or pp > 1 else "1f1b")
         est = estimate(graph, layout, training, profile, work=work, validate=False)  # a bound, valid or not
         times.append(est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"])
     return min(times)
@@ -215,10 +224,8 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     zeros, vpps = _framework_choices(graph, training, pp)
     out = []
     for mbs in _mbs_options(per_dp, fixed):
-        for vpp in _choices("vpp", vpps, fixed):
-            schedule = fixed.get("schedule", "interleaved_1f1b" if vpp > 1 else "1f1b")
-            if vpp > 1 and schedule != "interleaved_1f1b":
-                continue
+        for vpp, schedule in ((v, sch) for v in _choices("vpp", vpps, fixed)
+                              for sch in _schedules(pp, v, training, fixed)):
             base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
             layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
                               recompute=r, **base)
@@ -245,6 +252,17 @@ def _framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[
         zeros.insert(0, 0)
     vpps = [v for v in VPP_CHOICES if (v == 1 or (pp > 1 and fw.interleaved)) and pp * v <= len(graph.blocks)]
     return zeros, vpps
+
+
+def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> list[str]:
+    """The pipeline schedules to try at this interleaving: 1F1B (interleaved when vpp > 1), and where the
+    framework runs torch's pipelining the zero-bubble ones (zb_interleaved; zbv at vpp = 2); a fixed one only."""
+    default = "interleaved_1f1b" if vpp > 1 else "1f1b"
+    if "schedule" in fixed:
+        return [fixed["schedule"]] if fixed["schedule"] in MULTI_CHUNK_SCHEDULES or vpp == 1 else []
+    if pp == 1 or training.framework not in TORCH_SCHEDULES:
+        return [default]
+    return [default, "zb_interleaved", *(["zbv"] if vpp == 2 else [])]
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,

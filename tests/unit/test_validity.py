@@ -92,6 +92,11 @@ def test_torch_interleaved_rounds_are_a_framework_rule(llama):
     ("torchtitan", Layout(dp=8, zero=1), "ZeRO stages of torchtitan: it runs 0, 2, 3, not 1"),
     ("nanotron", Layout(pp=2, vpp=2, dp=4, schedule="interleaved_1f1b"), "no interleaved pipeline schedule"),
     ("deepspeed", Layout(pp=2, dp=4, zero=2), "deepspeed runs ZeRO up to stage 1 with pipeline parallelism"),
+    ("megatron_2023", Layout(cp=2, dp=4), "megatron_2023 has no context parallelism: cp must be 1, got 2"),
+    ("megatron_2023", Layout(dp=8, zero=3), "ZeRO stages of megatron_2023: it runs 0, 1, not 3"),
+    ("torch_fsdp", Layout(tp=2, dp=4), "torch_fsdp has no tensor parallelism: tp must be 1, got 2 "
+                                       "(it runs data parallelism only)"),
+    ("deepspeed", Layout(cp=2, dp=4), "deepspeed has no context parallelism"),
 ])
 def test_what_a_framework_cannot_run_is_named(llama, framework, layout, rule):
     """framework.py's capabilities, from each framework's own code (nanotron's zero_stage and pipeline
@@ -109,3 +114,16 @@ def test_the_search_only_proposes_what_the_framework_runs():
     result = search(graph, 64, Training(global_batch=64, seq_len=4096, framework="nanotron"), load_profile("h100_ib"))
     assert result.ranked
     assert all(c.layout.zero in (0, 1) and c.layout.vpp == 1 for c in result.ranked)
+
+
+@pytest.mark.parametrize(("framework", "allowed"), [("torch_fsdp", set()), ("megatron_2023", {"tp", "pp"})])
+def test_the_search_only_tries_the_parallelisms_the_framework_has(framework, allowed):
+    """llm-foundry's FSDP runs plan as data parallelism only; Megatron-LM of 2021-2023 never gets cp > 1."""
+    from autoshard.hardware_profiles import load_profile
+    from autoshard.planner.search.layouts import search
+
+    graph = capture(SPECS / "llama3_8b.yaml", 1, 4096)
+    result = search(graph, 64, Training(global_batch=64, seq_len=4096, framework=framework), load_profile("h100_ib"))
+    assert result.ranked
+    used = {dim for c in result.ranked for dim in ("tp", "pp", "cp", "ep") if getattr(c.layout, dim) > 1}
+    assert used <= allowed, used
