@@ -55,6 +55,8 @@ class Framework:
     or all-reduce) run asynchronously under their dgrad/wgrad GEMMs (Megatron-Core's and TE's linears)."""
     zero_with_pp: int = 3
     """The highest ZeRO stage it combines with pipeline parallelism."""
+    even_stages: bool = False
+    """Pipeline chunks hold equal numbers of layers: blocks divisible by pp x vpp, no uneven split."""
     dims: tuple[str, ...] = ("tp", "pp", "cp", "ep")
     """The parallelisms it runs besides data parallelism (a search under it tries no other)."""
     kernel_efficiency: float
@@ -117,10 +119,13 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", kernels="megatron", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
+    even_stages=True,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
-           "(ZeRO-3) in 2025, so runs of 2021-2023 could use neither")
+           "(ZeRO-3) in 2025, so runs of 2021-2023 could use neither; its arguments.py asserted num_layers "
+           "divisible by the pipeline size and, interleaved, by num_layers_per_virtual_pipeline_stage (uneven "
+           "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024)")
 FRAMEWORKS["torch_fsdp"] = replace(
     FRAMEWORKS["torch"], name="torch_fsdp", kernels="torch", zero_stages=(0, 2, 3), dims=(), interleaved=False,
     description="PyTorch FSDP (v1) data parallelism only: NO_SHARD, SHARD_GRAD_OP or FULL_SHARD (MosaicML "

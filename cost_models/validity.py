@@ -10,7 +10,8 @@ Rules (what each framework checks):
 - whole micro-batches: global batch = m x mbs x dp (Megatron `get_num_microbatches`, torchtitan's
   `global_batch_size % (local_batch_size * dp)`);
 - pp x vpp model chunks of at least one block each (Megatron: layers divisible by pp x vpp, or uneven
-  first/last stages with `decoder_first/last_pipeline_num_layers`; torch pipelining: any split);
+  first/last stages with `decoder_first/last_pipeline_num_layers`; torch pipelining: any split); Megatron-LM
+  before 2024 (megatron_2023) only the even split;
 - TP divides the query heads, and the kv heads divide TP or TP divides them (kv heads replicated: Megatron
   needs `num_query_groups % tp == 0`, torchtitan and autoshard replicate);
 - CP: the sequence splits into 2 x cp chunks (causal load balancing, Megatron and torchtitan);
@@ -56,6 +57,9 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     if layout.pp * layout.vpp > blocks:
         out.append(f"one block per model chunk: pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} "
                    f"chunks exceed the {blocks} blocks")
+    elif layout.pp > 1 and get_framework(training.framework).even_stages and blocks % (layout.pp * layout.vpp):
+        out.append(f"even pipeline chunks ({training.framework}): the {blocks} blocks must be divisible by "
+                   f"pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp}")
     out += tp_errors(graph, layout.tp)
     out += cp_errors(training.seq_len, layout.cp)
     m = training.global_batch // (layout.dp * layout.mbs)

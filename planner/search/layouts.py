@@ -222,7 +222,8 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
     zeros, vpps = _framework_choices(graph, training, pp)
-    out = []
+    out: list[Candidate] = []
+    fastest = math.inf  # the tuple's fastest fitting candidate so far
     for mbs in _mbs_options(per_dp, fixed):
         for vpp, schedule in ((v, sch) for v in _choices("vpp", vpps, fixed)
                               for sch in _schedules(pp, v, training, fixed)):
@@ -234,9 +235,11 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
             errors = [layout_errors(graph, lay, training) for lay in layouts]
             result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
             layouts = [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]
-            cand = _first_fit(graph, work, layouts, training, profile, result) if layouts else None
+            cand = _first_fit(graph, work, layouts, training, profile, result, fastest) if layouts else None
             if cand is not None:
                 out.append(cand)
+                if cand.estimate.fits:
+                    fastest = min(fastest, cand.estimate.step_time_s)
         if out and not out[-1].estimate.fits:
             break  # a larger micro-batch only needs more memory
     return out
@@ -245,13 +248,17 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
 def _framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
     """The ZeRO stages and interleaving degrees to try under the framework (validity.framework_errors):
     ZERO_ORDER's stages it runs (ZeRO-0 when it has no ZeRO-1, which would dominate it), and vpp > 1 only
-    where it interleaves."""
+    where it interleaves (under a framework with even chunks only, every vpp dividing the blocks per stage)."""
     fw = get_framework(training.framework)
     zeros = [z for z in ZERO_ORDER if z in fw.zero_stages and (pp == 1 or z <= fw.zero_with_pp)]
     if 1 not in zeros and 0 in fw.zero_stages:
         zeros.insert(0, 0)
-    vpps = [v for v in VPP_CHOICES if (v == 1 or (pp > 1 and fw.interleaved)) and pp * v <= len(graph.blocks)]
-    return zeros, vpps
+    blocks = len(graph.blocks)
+    if fw.even_stages:  # only even splits run: every vpp that divides the blocks per stage (up to 8)
+        vpps = [v for v in range(1, 9) if (v == 1 or (pp > 1 and fw.interleaved)) and blocks % (pp * v) == 0]
+    else:
+        vpps = [v for v in VPP_CHOICES if (v == 1 or (pp > 1 and fw.interleaved)) and pp * v <= blocks]
+    return zeros, vpps or [1]
 
 
 def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> list[str]:
@@ -266,17 +273,27 @@ def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> 
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,
-               profile: Profile, result: SearchResult) -> Candidate | None:
+               profile: Profile, result: SearchResult, fastest: float = math.inf) -> Candidate | None:
     """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
-    those. When none fits, the layout closest to fitting (kept for the no-fit report)."""
+    those. When none fits, the layout closest to fitting (kept for the no-fit report).
+
+    Once one fits, the rest are skipped when they cannot rank ahead of `fastest` (the tuple's fastest so
+    far) or of that one: a recompute or a ZeRO stage only adds stage time, so the first layout's pipeline
+    time (ZeRO below 3, no recompute; its step less the DP traffic and optimizer, which depend on both) is a
+    floor for all of them. The tuple's best candidate, and whether this micro-batch fits, stay the same."""
     best: Candidate | None = None
     closest: Candidate | None = None
     done: set[int] = set()
+    floor = 0.0
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
         if layout.zero in done:
             continue
+        if best is not None and _ranks_after(floor, min(fastest, best.estimate.step_time_s)):
+            break
         est = estimate(graph, layout, training, profile, work=work)
         result.priced += 1
+        if layout is layouts[0] and layout.zero < 3 and layout.recompute == "none":
+            floor = est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"]
         cand = Candidate(layout=layout, estimate=est)
         if est.fits:
             done.add(layout.zero)
@@ -296,6 +313,8 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
             continue  # one stage, nothing recomputed: the uniform plan is already the ILP's optimum
         if i > 0 and cand.layout.pp * cand.layout.vpp > LARGE_ILP_CHUNKS:
             continue
+        if get_framework(training.framework).even_stages:
+            continue  # the ILP's uneven stage split would not run there
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
                        vocab=graph.vocab, modes=modes).build()
@@ -309,6 +328,12 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
         if est.fits and est.step_time_s < cand.estimate.step_time_s:
             cand.layout, cand.estimate = layout, est
             cand.split, cand.recompute = assignment.split, assignment.recompute
+
+
+def _ranks_after(floor: float, step_time_s: float) -> bool:
+    """Whether any layout no faster than `floor` ranks after one of `step_time_s` (_rank_key compares step
+    times to 3 significant digits, so a near tie may still win on simplicity)."""
+    return float(f"{floor:.3g}") > float(f"{step_time_s:.3g}")
 
 
 def _dominant(modes: dict[str, str]) -> str:

@@ -97,6 +97,8 @@ def test_torch_interleaved_rounds_are_a_framework_rule(llama):
     ("torch_fsdp", Layout(tp=2, dp=4), "torch_fsdp has no tensor parallelism: tp must be 1, got 2 "
                                        "(it runs data parallelism only)"),
     ("deepspeed", Layout(cp=2, dp=4), "deepspeed has no context parallelism"),
+    ("megatron_2023", Layout(pp=3, dp=1), "even pipeline chunks (megatron_2023): the 4 blocks must be divisible "
+                                          "by pp(3) x vpp(1) = 3"),
 ])
 def test_what_a_framework_cannot_run_is_named(llama, framework, layout, rule):
     """framework.py's capabilities, from each framework's own code (nanotron's zero_stage and pipeline
