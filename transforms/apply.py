@@ -37,11 +37,12 @@ from autoshard.planner.outputs.plan import Plan, fingerprint
 from .ac import apply_ac
 from .checkpoint import Resumed, fingerprint_of, load_checkpoint, load_weights, save_checkpoint
 from .cp import apply_cp, check_cp
-from .dp import apply_dp, apply_dp_to_chunks
+from .dp import ShardedAdamW, apply_dp, apply_dp_to_chunks
 from .ep import ExpertShards, apply_ep, check_ep, merge_expert_shards
 from .init import clean_fqn, is_meta, materialize, tied_aliases, unregrouped
+from .lr_schedule import WarmupCosine
 from .pp import PipelineChunk, TiedGradients, build_schedule, chunk_specs, split_from_units, split_model
-from .precision import check_precision, mixed_precision_policy
+from .precision import cast_forward_inputs, check_precision, mixed_precision_policy
 from .tp import apply_tp, check_tp
 
 BatchSplit = Callable[[Tensor, Tensor], tuple[tuple, dict, Tensor]]
@@ -69,6 +70,8 @@ class ParallelModel:
     """Names and shapes of the unsharded model's parameters, hashed (transforms/checkpoint.py)."""
     layout: str = ""
     """The layout this model runs (`Layout.to_string()`)."""
+    lr_schedule: WarmupCosine | None = None
+    """Sets the learning rate before each optimizer step (transforms/lr_schedule.py); saved in checkpoints."""
 
     def save(self, path: str | os.PathLike, *, step: int, extra: dict | None = None,
              keep: int | None = None) -> Path:
@@ -105,6 +108,8 @@ class ParallelModel:
 
     def _finish(self, update: bool) -> None:
         if update:
+            if self.lr_schedule is not None:
+                self.lr_schedule.apply(self.optimizer)
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -170,13 +175,15 @@ def axis_meshes(root: DeviceMesh) -> Meshes:
 
 def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: Meshes | DeviceMesh | None = None,
                  recompute: dict[str, str] | None = None, lr: float = 1e-3, seed: int | None = None,
-                 split: list[int] | None = None, precision: str = "fp32", cp_attention: str = "ring") -> ParallelModel:
+                 split: list[int] | None = None, precision: str = "fp32", cp_attention: str = "ring",
+                 grad_reduce: str | None = None) -> ParallelModel:
     """Shard `model` as `layout` says. A model with real weights must hold the same on every rank; a model
     with meta parameters (transforms/init.py) gets its shards allocated and initialised from `seed`.
     `recompute`: per-block overrides of `layout.recompute` (the plan's per-stage choices).
     `split`: blocks per pipeline chunk (pp x vpp of them; the plan's stage split), even when None.
-    `precision`: "fp32", or "bf16": bf16 compute, fp32 master weights and gradient reduction (FSDP2's
-    mixed precision, zero 2-3: transforms/precision.py).
+    `precision`: "fp32", or "bf16": bf16 compute and fp32 master weights (transforms/precision.py);
+    `grad_reduce`: the gradient buffer and reduction dtype under bf16, "fp32" or "bf16" (None: the cost
+    model's torch default, bf16 under zero 0-1, fp32 under FSDP2's zero 2-3).
     `cp_attention`: how context-parallel attention runs, "ring" (overlapped ring attention) or "allgather"
     (all-gathered keys and values; transforms/cp.py)."""
     meta = is_meta(model)
@@ -184,10 +191,10 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
     check_layout(model, layout, graph=graph, cp_attention=cp_attention)
     try:
-        check_precision(precision, layout)
+        check_precision(precision, layout, grad_reduce)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    mp_policy = mixed_precision_policy(precision)
+    mp_policy = mixed_precision_policy(precision, zero=layout.zero, grad_reduce=grad_reduce)
     identity = {"fingerprint": fingerprint_of(model), "layout": layout.to_string()}
     if mesh is None and layout.gpus > 1:
         mesh = build_mesh(layout)
@@ -203,8 +210,10 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     split_batch, experts = shard_model_parallel(model, layout, graph=graph, mesh=mesh, mp_policy=mp_policy,
                                                 cp_attention=cp_attention)
     modes = dict.fromkeys(blocks, layout.recompute) | (recompute or {})
-    apply_ac(model, blocks=blocks, modes=modes)
     replicas = layout.dp * layout.cp  # ZeRO shards over dp x cp; the cp ranks hold the same weights
+    if mp_policy is not None and (replicas == 1 or layout.zero < 2):  # bf16 without FSDP2 to cast the inputs
+        cast_forward_inputs([model.get_submodule(b) for b in blocks], mp_policy.param_dtype)
+    apply_ac(model, blocks=blocks, modes=modes)
     if meta and (replicas == 1 or layout.zero < 2):
         materialize(model, device, seed)
     if replicas > 1:
@@ -214,11 +223,20 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
         if experts is not None:  # reduced over the ranks holding the same experts only (transforms/ep.py)
             optimizer = experts.optimizer(optimizer, lr=lr)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        optimizer = single_replica_optimizer(list(model.parameters()), lr=lr, mp_policy=mp_policy)
     if is_meta(model):
         materialize(model, device, seed)
     return ParallelModel(module=model, optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs, device=device,
                          split_batch=split_batch, experts=experts, **identity)
+
+
+def single_replica_optimizer(params: list[nn.Parameter], *, lr: float, mp_policy=None) -> object:
+    """AdamW for one data-parallel replica; under bf16, `ShardedAdamW` with no group: bf16 parameters, their
+    fp32 master in the optimizer (transforms/precision.py)."""
+    if mp_policy is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return ShardedAdamW(params, group=None, reduce_grads=False, shard=False, lr=lr, weight_decay=0.0,
+                        mp_policy=mp_policy)
 
 
 def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, cp_attention: str = "ring") -> None:
@@ -282,6 +300,8 @@ class PipelineParallelModel(ParallelModel):
         with loss_parallel() if self.mesh["tp"].size() > 1 else contextlib.nullcontext():
             self._schedule(len(local) // self.micro_batch).step(
                 *((inputs,) if first else ()), **({"target": targets, "losses": losses} if last else {}))
+        if isinstance(self.optimizer, ShardedAdamW):  # torch's schedule scaled .grad, not bf16's fp32 buffers
+            self.optimizer.scale_main_grads(1 / (len(local) // self.micro_batch))
         if self.tied is not None:
             self.tied.sum_gradients()
         self._finish(update)
@@ -352,6 +372,8 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
     blocks = []
     for chunk, spec in zip(chunks, specs, strict=True):
         mine = [names[i] for i in spec.blocks]
+        if mp_policy is not None and (layout.dp * layout.cp == 1 or layout.zero < 2):  # as in apply_layout
+            cast_forward_inputs([chunk.module.get_submodule(n) for n in mine], mp_policy.param_dtype)
         apply_ac(chunk.module, blocks=mine, modes=modes)
         blocks += [chunk.module.get_submodule(n) for n in mine]
     replicas = layout.dp * layout.cp
@@ -366,7 +388,7 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
         if experts is not None:
             optimizer = experts.optimizer(optimizer, lr=lr)
     else:
-        optimizer = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=lr, weight_decay=0.0)
+        optimizer = single_replica_optimizer([p for c in chunks for p in c.parameters()], lr=lr, mp_policy=mp_policy)
     for chunk in chunks:
         if is_meta(chunk):
             materialize(chunk, device, seed, aliases)
@@ -384,8 +406,9 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
                seed: int | None = None, precision: str = "fp32", cp_attention: str | None = None) -> ParallelModel:
     """Shard `model` as `plan` says on the current process group (see `apply_layout` for `seed`).
     `precision`: "fp32" (the default: CPU runs and checks), "bf16", or "plan" for the plan's training
-    precision (transforms/precision.py). `cp_attention`: "ring" or "allgather" (transforms/cp.py); None: the
-    plan's training.cp_attention if it has one (what it was priced with), else "ring"."""
+    precision and grad_reduce (transforms/precision.py). `cp_attention`: "ring" or "allgather"
+    (transforms/cp.py); None: the plan's training.cp_attention if it has one (what it was priced with), else
+    "ring"."""
     layout = plan.layout_obj()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if plan.gpus != world:
@@ -396,10 +419,12 @@ def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None, *, 
         raise UserError(f"the plan was made for another model ({plan.model['name']}, fingerprint "
                         f"{plan.model['fingerprint']}); this one has fingerprint {fingerprint(graph)}. Re-plan it.")
     recompute, split = plan_choices(plan, graph)
+    grad_reduce = None
     if precision == "plan":
-        precision = plan.training.get("precision", "fp32")
+        precision, grad_reduce = plan.training.get("precision", "fp32"), plan.training.get("grad_reduce")
     return apply_layout(model, layout, graph=graph, mesh=mesh, recompute=recompute, lr=lr, seed=seed, split=split,
-                        precision=precision, cp_attention=cp_attention or plan.training.get("cp_attention") or "ring")
+                        precision=precision, cp_attention=cp_attention or plan.training.get("cp_attention") or "ring",
+                        grad_reduce=grad_reduce)
 
 
 def plan_choices(plan: Plan, graph: ModelGraph) -> tuple[dict[str, str], list[int] | None]:

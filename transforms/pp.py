@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from autoshard.planner.capture.model_graph import ModelGraph
 
-from .dp import local_grad
+from .dp import has_grad, local_grad
 from .init import clean_fqn
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
@@ -229,7 +229,7 @@ class TiedGradients:
     @torch.no_grad()
     def sum_gradients(self) -> None:
         for p in self.params:
-            if p.grad is not None:
+            if has_grad(p):
                 dist.all_reduce(local_grad(p), group=self.group)
 
 

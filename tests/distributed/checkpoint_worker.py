@@ -3,10 +3,12 @@ other in the same process group, each on a fresh model under its own layout, and
 JSON lines {"job": i, "step": s, "loss": x}.
 
 A job is {"model": spec name or "hf/<tiny config in tests/data/hf>", "layout": layout keys, "save": dir | null, "resume": dir | null,
-"weights": .safetensors | null, "precision": "fp32" | "bf16"}. Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
+"weights": .safetensors | null, "precision": "fp32" | "bf16", "grad_reduce": "fp32" | "bf16" | null, "alone": bool}.
+Without "resume" it trains steps 0-5 and saves after step 2 (checkpoint
 step 3); with it, it loads that checkpoint (saved under another layout), saves it again at once under its own
 layout if "save" is given, and trains steps 3-5. With "weights" it loads the unsharded weights from that file
-into its shards, saves them (step 0) and trains nothing."""
+into its shards, saves them (step 0) and trains nothing. With "alone" rank 0 runs it on its own (one process,
+the layout on 1 rank: a reference; it cannot save) while the others go on to the next job."""
 
 import json
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.planner.capture.loading import load_model
@@ -24,6 +27,7 @@ from autoshard.planner.capture.spec import load_spec
 from autoshard.planner.capture.trace import capture
 from autoshard.synthetic import synthetic_batch
 from autoshard.transforms.apply import apply_layout
+from autoshard.transforms.dp import ShardedAdamW
 from autoshard.transforms.init import meta_parameters
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
@@ -44,10 +48,13 @@ def build(name: str) -> tuple[nn.Module, int]:
 
 
 def run(index: int, job: dict) -> None:
+    if job.get("alone") and dist.get_rank() != 0:
+        return
     model, vocab = build(job["model"])
     partial = {"zero": 0, "mbs": 1} | parse_layout(job["layout"])
-    parallel = apply_layout(model, complete(partial, dist.get_world_size()), graph=capture(model, 1, SEQ), seed=SEED,
-                            precision=job.get("precision", "fp32"))
+    world = 1 if job.get("alone") else dist.get_world_size()
+    parallel = apply_layout(model, complete(partial, world), graph=capture(model, 1, SEQ), seed=SEED,
+                            precision=job.get("precision", "fp32"), grad_reduce=job.get("grad_reduce"))
     probe = dtypes(parallel.module) if job.get("precision") else None
     if job.get("weights"):
         parallel.load_weights(job["weights"])
@@ -63,7 +70,7 @@ def run(index: int, job: dict) -> None:
         if dist.get_rank() == 0:
             print(json.dumps({"job": index, "step": step, "loss": loss}), flush=True)
             if probe is not None and step == start:
-                print(json.dumps({"job": index, "dtypes": probe | master(parallel.module)}), flush=True)
+                print(json.dumps({"job": index, "dtypes": probe | master(parallel)}), flush=True)
         if step + 1 == SAVE_AT and job.get("save") and not job.get("resume"):
             parallel.save(job["save"], step=SAVE_AT)
 
@@ -75,17 +82,34 @@ def dtypes(module: nn.Module) -> dict[str, str]:
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         seen.update(input=str(args[0].dtype), weight=str(mod.weight.dtype), output=str(out.dtype))
+        if isinstance(mod.weight, DTensor) and not hasattr(mod, "_fsdp_param_group"):  # TP: the local shard too
+            seen.update(weight_local=str(mod.weight.to_local().dtype))
 
     linear.register_forward_hook(hook)
     return seen
 
 
-def master(module: nn.Module) -> dict[str, str]:
-    """The dtypes of the parameters the optimizer steps, of their gradients, and FSDP2's reduce dtype."""
+def master(parallel) -> dict[str, str]:
+    """The dtypes of the weights the optimizer steps, of their AdamW moments, of the gradients (the buffer the
+    reduction runs on) and the reduction: FSDP2's parameters and policy, or ShardedAdamW's fp32 master of the
+    bf16 parameters (all of them: "mixed" lists each dtype seen)."""
+    module, opt = parallel.module, parallel.optimizer
+    if isinstance(opt, ShardedAdamW):
+        masters = opt.masters or [opt.master]
+        grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in opt.params]
+        moments = [v for m in masters for k, v in opt.inner.state[m].items() if k != "step"]
+        return {"master": _one(masters), "moments": _one(moments), "grad": _one(grads),
+                "params": _one(opt.params), "reduce": str(opt.mp_policy.reduce_dtype)}
     p = next(module.parameters())
     state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
     return {"master": str(p.dtype), "grad": str(p.grad.dtype),
             "reduce": str(state._mp_policy.reduce_dtype) if state is not None else "none"}
+
+
+def _one(tensors: list) -> str:
+    """The dtype of the local data of all `tensors` (a DTensor's shard), or every dtype seen if they differ."""
+    seen = sorted({str((t.to_local() if isinstance(t, DTensor) else t).dtype) for t in tensors})
+    return seen[0] if len(seen) == 1 else f"mixed {seen}"
 
 
 dist.init_process_group("gloo")
