@@ -22,8 +22,10 @@ after the last (DIR/step_N, complete or absent, under the unsharded model's name
 and GPU count), keeping the newest N. A job started again with the same command (torchrun --max-restarts after
 a rank died) continues from the newest complete checkpoint in DIR; `--resume PATH` loads a given checkpoint
 (or the newest in a folder of them). A missing, damaged or foreign checkpoint exits with 2, nothing written.
-`--precision bf16` computes in bf16 with fp32 master weights and fp32 gradient reduction (FSDP2, zero 2 or 3;
-transforms/precision.py); the default is fp32. `--cp-attention allgather` runs context-parallel attention on
+`--precision bf16` computes in bf16 with fp32 master weights, gradients reduced in `--grad-reduce` (default:
+the cost model's, bf16 under zero 0-1, fp32 under FSDP2's zero 2-3; transforms/precision.py); the default is
+fp32. `--lr-schedule cosine --warmup-steps W` warms the learning rate up and decays it (its state is saved in
+checkpoints and restored on resume). `--cp-attention allgather` runs context-parallel attention on
 all-gathered keys and values instead of the ring (transforms/cp.py).
 """
 
@@ -51,6 +53,7 @@ from autoshard.synthetic import synthetic_batch  # noqa: E402
 from autoshard.transforms.apply import apply_layout, plan_choices  # noqa: E402
 from autoshard.transforms.checkpoint import checkpoints  # noqa: E402
 from autoshard.transforms.init import meta_parameters  # noqa: E402
+from autoshard.transforms.lr_schedule import WarmupCosine  # noqa: E402
 
 
 def main() -> int:
@@ -65,7 +68,9 @@ def main() -> int:
                             f"micro-batch({layout.mbs})")
         rank = _init_distributed(world)
         parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                split=split, precision=args.precision, cp_attention=args.cp_attention)
+                                split=split, precision=args.precision, cp_attention=args.cp_attention,
+                                grad_reduce=args.grad_reduce)
+        parallel.lr_schedule = _lr_schedule(args)
         start, position = _resume(parallel, args, rank)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -105,6 +110,13 @@ def _resume(parallel, args: argparse.Namespace, rank: int) -> tuple[int, int]:
     if rank == 0:
         print(f"resumed from {resumed.path} at step {resumed.step}", file=sys.stderr, flush=True)
     return resumed.step, int(resumed.extra.get("data_position", resumed.step))
+
+
+def _lr_schedule(args: argparse.Namespace) -> WarmupCosine | None:
+    """--lr-schedule cosine: warmup to --lr over --warmup-steps, cosine to a tenth of it at --steps."""
+    if args.lr_schedule == "constant":
+        return None
+    return WarmupCosine(peak=args.lr, warmup=args.warmup_steps, total=args.steps)
 
 
 def _kill_for_tests(step: int, rank: int, world: int) -> None:
@@ -176,7 +188,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-split", help="blocks per pipeline chunk (pp x vpp numbers), e.g. 1,3; even if not given")
     p.add_argument("--grads-out", help="save the whole gradients after the first step here (rank 0)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: bf16 compute, fp32 master weights and gradient reduction (needs zero 2 or 3)")
+                   help="bf16: bf16 compute and parameters, fp32 master weights in the optimizer (any zero stage)")
+    p.add_argument("--grad-reduce", choices=["fp32", "bf16"],
+                   help="bf16 runs: gradient buffer and reduction dtype (default: bf16 under zero 0-1, fp32 "
+                        "under zero 2-3, as the cost model prices them)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: linear warmup over --warmup-steps, then cosine decay to 0.1 x --lr at --steps "
+                        "(its state is saved in checkpoints)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="--lr-schedule cosine: steps of linear warmup")
     p.add_argument("--checkpoint-dir", help="save checkpoints here (DIR/step_N); a restarted job resumes from the "
                                             "newest complete one")
     p.add_argument("--save-every", type=int, default=0, help="save every K steps (and after the last); 0: after "

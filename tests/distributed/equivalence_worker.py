@@ -49,7 +49,9 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
         raise train.UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout_.dp}) x "
                               f"micro-batch({layout_.mbs})")
     parallel = train.apply_layout(model_, layout_, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
-                                  split=split, precision=args.precision, cp_attention=args.cp_attention)
+                                  split=split, precision=args.precision, cp_attention=args.cp_attention,
+                                  grad_reduce=args.grad_reduce)
+    parallel.lr_schedule = train._lr_schedule(args)
     losses, grads = [], {}
     for step in range(args.steps):
         losses.append(parallel.train_step(train._batch(args, vocab, step)))
