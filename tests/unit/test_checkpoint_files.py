@@ -24,6 +24,7 @@ from autoshard.transforms.checkpoint import (
     where,
 )
 from autoshard.transforms.init import REGROUPED
+from autoshard.transforms.lr_schedule import WarmupCosine
 
 
 def test_flat_boxes_tile_the_range_exactly():
@@ -134,3 +135,69 @@ def _empty(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     return empty
+
+
+def test_a_same_size_change_of_a_shard_is_refused_by_its_checksum(tmp_path):
+    a = tiny(0)
+    train(a, 1)
+    folder = save_checkpoint(a, tmp_path, step=1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert set(manifest["crc32"]) == set(manifest["files"]) and "__0_0.distcp" in manifest["crc32"]
+    shard = folder / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size
+    shard.write_bytes(bytes(data))
+    b = tiny(1)
+    before = b.module.weight.detach().clone()
+    with pytest.raises(CheckpointError, match="__0_0.distcp does not match the checksum"):
+        load_checkpoint(b, folder)
+    with pytest.raises(CheckpointError, match="__0_0.distcp does not match the checksum"):
+        export_state_dict(folder)
+    assert torch.equal(b.module.weight, before)
+
+
+@dataclass
+class WithState(Tiny):
+    lr_schedule: WarmupCosine | None = None
+
+
+def test_persistent_buffers_and_the_lr_schedule_are_saved_and_restored(tmp_path):
+    """BatchNorm's running statistics (persistent buffers) and the schedule's position come back; a
+    non-persistent buffer is not saved."""
+
+    def model(seed: int) -> WithState:
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+        module.register_buffer("table", torch.full((2,), float(seed)), persistent=False)
+        return WithState(module, torch.optim.AdamW(module.parameters(), lr=0.1),
+                         lr_schedule=WarmupCosine(peak=0.1, warmup=2, total=6))
+
+    def steps(m: WithState, n: int) -> list[float]:
+        out = []
+        for i in range(n):
+            m.optimizer.zero_grad()
+            loss = m.module(torch.arange(6.0).view(2, 3) * (i + 1)).square().sum()
+            loss.backward()
+            m.lr_schedule.apply(m.optimizer)
+            m.optimizer.step()
+            out.append(loss.item())
+        return out
+
+    a = model(0)
+    steps(a, 3)
+    folder = save_checkpoint(a, tmp_path, step=3)
+    assert json.loads((folder / MANIFEST).read_text())["lr_schedule"]["steps"] == 3
+    want = steps(a, 3)
+    b = model(1)
+    assert not torch.equal(b.module[1].running_mean, a.module[1].running_mean)
+    load_checkpoint(b, folder)
+    assert b.lr_schedule.steps == 3 and b.module.table.tolist() == [1.0, 1.0]
+    assert steps(b, 3) == want
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(b.module[1], name), getattr(a.module[1], name)), name
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(peak=1.0, warmup=4, total=14, floor=0.1)
+    assert [s.lr(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s.lr(9) == pytest.approx(0.55) and s.lr(14) == pytest.approx(0.1) and s.lr(99) == pytest.approx(0.1)
