@@ -107,9 +107,13 @@ def test_checkpoints_resume_under_other_layouts_and_world_sizes(tmp_path):
 
 def test_a_killed_rank_resumes_under_torchrun_with_nothing_lost(tmp_path):
     """torchrun --max-restarts=1: rank 1 SIGKILLs itself inside step 3's forward (once: a marker file); the job
-    restarts from the step-2 checkpoint and every step's loss equals the uninterrupted run's. Then a truncated
-    shard in the newest checkpoint is refused (exit 2, the file named, nothing written)."""
-    args = ["--model", str(SPECS / "tiny_llama.yaml"), "--layout", "dp=2,zero=1", "--steps", "6", "--seed", "7"]
+    restarts from the step-2 checkpoint and every step's loss equals the uninterrupted run's (a warmup + cosine
+    learning rate: the schedule's position comes back from the checkpoint, or the restarted job would warm up
+    again). Then a shard of the uninterrupted run's checkpoint with one bit flipped (same size) is refused by
+    both ranks of a resume (exit 2, the file named by each, before any load), and a truncated shard in the
+    newest checkpoint is refused (exit 2, the file named, nothing written)."""
+    args = ["--model", str(SPECS / "tiny_llama.yaml"), "--layout", "dp=2,zero=1", "--steps", "6", "--seed", "7",
+            "--lr-schedule", "cosine", "--warmup-steps", "3"]
     plain = spawn([str(TRAIN), *args, "--checkpoint-dir", str(tmp_path / "plain"), "--keep", "1"], 2)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert [p.name for p in (tmp_path / "plain").iterdir()] == ["step_00000006"]  # saved at the end, keep 1
@@ -121,6 +125,14 @@ def test_a_killed_rank_resumes_under_torchrun_with_nothing_lost(tmp_path):
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert (tmp_path / "killed").exists() and "resumed from" in killed.stderr and "step_00000002" in killed.stderr
     assert last_losses(killed.stdout) == last_losses(plain.stdout)
+
+    flipped = tmp_path / "plain" / "step_00000006" / "__0_0.distcp"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    refused = spawn([str(TRAIN), *args, "--steps", "8", "--resume", str(tmp_path / "plain")], 2)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.count("__0_0.distcp does not match the checksum") == 2  # each rank, its own message
 
     newest = tmp_path / "ckpt" / "step_00000006"
     shard = newest / "__1_0.distcp"
