@@ -8,7 +8,8 @@ The model is TinyLlama-1.1B's shape in autoshard's reference transformer (22 lay
 a run holds: weights + two moments, 12 bytes per parameter). One process, or one rank per process under
 torchrun with ZeRO-3 over them. Each rank prints one JSON line: seconds to save and to load (into the same
 model, as a resume does), bytes written, and the peak resident memory during each (VmHWM, reset before each
-by /proc/self/clear_refs) next to the resident memory before it. Prints figures; asserts nothing.
+by /proc/self/clear_refs) next to the resident memory before it, and the seconds of the crc32 checksums that
+save writes and load verifies (each rank its share of the files). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from autoshard.planner.capture.reference_model import build_reference_model  # n
 from autoshard.planner.capture.spec import ModelSpec  # noqa: E402
 from autoshard.planner.capture.trace import capture  # noqa: E402
 from autoshard.transforms.apply import apply_layout  # noqa: E402
-from autoshard.transforms.checkpoint import ensure_state, optimizer_parts  # noqa: E402
+from autoshard.transforms.checkpoint import (  # noqa: E402
+    ensure_state,
+    optimizer_parts,
+    read_manifest,
+    verify_checksums,
+)
 from autoshard.transforms.init import meta_parameters  # noqa: E402
 
 GIB = 2**30
@@ -95,8 +101,10 @@ def main() -> None:
     folder = root / "step_00000001"
     written = sum(f.stat().st_size for f in folder.iterdir())
     load = timed(lambda: parallel.load(folder))
+    manifest = read_manifest(folder)  # the crc32 part of save and of load: each rank checksums its share
+    crc = timed(lambda: verify_checksums(folder, manifest, share=True))
     print(json.dumps({"rank": rank, "world": world, "layout": layout, "params": params, "build_s": round(built, 1),
-                      "bytes_written": written, "save": save, "load": load}), flush=True)
+                      "bytes_written": written, "save": save, "load": load, "checksums": crc}), flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
