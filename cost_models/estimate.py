@@ -116,7 +116,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     groups = comm.layout_groups(layout)
     parts = [_stage_time(s, layout, training, profile, groups, tokens, m, fw) for s in stages]
     stage_times = [sum(p.values()) for p in parts]
-    pipe = pipeline.step_time(stage_times, m, layout.vpp)
+    pipe = pipeline.step_time(stage_times, m, layout.vpp, layout.schedule)
     grad_bytes = training.grad_bytes(fw.grad_bytes)
     dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw, grad_bytes)
     step = pipe + dp_exposed + opt
@@ -149,7 +149,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
 
 
 def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None = None) -> list[_Stage]:
-    """Blocks over pp x vpp chunks (chunk c on stage c mod pp), as `split` says or evenly; units before the
+    """Blocks over pp x vpp chunks (chunk c on stage c mod pp, in a V under zbv), as `split` says or evenly; units before the
     first block join the first chunk, units after the last block the last chunk."""
     block_idx = [i for i, w in enumerate(work) if w.kind == "block"]
     first, last = block_idx[0], block_idx[-1]
@@ -165,8 +165,9 @@ def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None 
             units = work[:first] + units
         if c == chunks - 1:
             units = units + work[last + 1:]
-        stages[c % layout.pp].units.extend(units)
-        stages[c % layout.pp].chunks += 1
+        stage = stages[pipeline.chunk_stage(c, layout.pp, layout.schedule)]
+        stage.units.extend(units)
+        stage.chunks += 1
         start += size
     return stages
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe", "zb_interleaved", "zbv")
+MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", "zb_interleaved", "zbv")
+"""Schedules that run vpp > 1 model chunks per pipeline rank (zbv exactly 2: validity.py)."""
 PRECISIONS = ("bf16", "fp8")
 ATTENTION_KERNELS = ("flash", "unfused")
 _INT_KEYS = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs")
@@ -43,7 +45,8 @@ class Layout:
     recompute: str = "none"
     """Activation recomputation: none, selective (attention core) or full (whole block)."""
     schedule: str = "1f1b"
-    """Pipeline schedule: 1f1b, interleaved_1f1b or gpipe."""
+    """Pipeline schedule: 1f1b, interleaved_1f1b, gpipe, or the zero-bubble zb_interleaved (vpp >= 1) and zbv
+    (vpp = 2, chunks in a V) of torch.distributed.pipelining (transforms/pp.py, cost_models/pipeline.py)."""
     sequence_parallel: bool = True
     """Megatron sequence parallelism for the norms and dropout between TP regions (when tp > 1)."""
     async_tp: bool = False
@@ -61,8 +64,8 @@ class Layout:
             raise ValueError(f"layout recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"layout schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.vpp > 1 and self.schedule != "interleaved_1f1b":
-            raise ValueError(f"vpp={self.vpp} needs schedule=interleaved_1f1b, got {self.schedule}")
+        if self.vpp > 1 and self.schedule not in MULTI_CHUNK_SCHEDULES:
+            raise ValueError(f"vpp={self.vpp} needs schedule {' or '.join(MULTI_CHUNK_SCHEDULES)}, got {self.schedule}")
         if (self.dp * self.cp) % self.ep:
             raise ValueError(f"ep ({self.ep}) must divide dp x cp ({self.dp} x {self.cp} = {self.dp * self.cp})")
 
@@ -141,6 +144,8 @@ def parse_layout(text: str) -> dict[str, Any]:
         out[key] = _value(key, value.strip())
     if out.get("vpp", 1) > 1 and "schedule" not in out:
         out["schedule"] = "interleaved_1f1b"
+    if out.get("schedule") == "zbv" and "vpp" not in out:
+        out["vpp"] = 2  # ZB-V's V is two chunks per rank
     return out
 
 

@@ -28,7 +28,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from autoshard.cost_models.layout import Layout
+from autoshard.cost_models.pipeline import chunk_stage as pipeline_chunk_stage
 from autoshard.cost_models.pipeline import split_blocks as pipeline_split_blocks
+from autoshard.cost_models.validity import schedule_errors
 from autoshard.planner.capture.model_graph import ModelGraph
 from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
@@ -244,6 +246,9 @@ def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, cp_atte
     TP or EP would shard must be a pattern they know (transforms/tp.py check_tp, transforms/ep.py check_ep);
     a silently different model is never the result. Modules TP runs replicated instead are named in a
     warning."""
+    errors = schedule_errors(layout, "torch")  # zbv's two chunks per rank (micro-batch rules: torch's, at step)
+    if errors:
+        raise UserError("; ".join(errors))
     try:
         if layout.tp > 1:
             check_tp(model, graph, tp=layout.tp, sp=layout.sp)
@@ -359,8 +364,9 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
                         f"needs {layout.pp * layout.vpp} block counts")
     pp_rank = mesh["pp"].get_local_rank()
     try:
-        specs = chunk_specs(len(graph.blocks), sizes, pp_rank, layout.pp)
-        chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len)
+        specs = chunk_specs(len(graph.blocks), sizes, pp_rank, layout.pp, layout.schedule)
+        chunks = split_model(model, graph, sizes=sizes, pp_rank=pp_rank, pp=layout.pp, seq_len=graph.seq_len,
+                             schedule=layout.schedule)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     parts = [shard_model_parallel(chunk.module, layout, graph=graph, mesh=mesh, mp_policy=mp_policy,
@@ -395,7 +401,8 @@ def apply_pipeline(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh:
     tied = None
     if graph.tied:
         grid = torch.arange(layout.gpus).view(*(getattr(layout, a) for a in MESH_AXES))  # rank of each coordinate
-        tied = TiedGradients(chunks, graph.tied, grid.flatten(1).T.tolist())
+        ends = (0, pipeline_chunk_stage(len(sizes) - 1, layout.pp, layout.schedule))  # zbv: both on rank 0
+        tied = TiedGradients(chunks, graph.tied, grid.flatten(1).T.tolist(), ends)
     return PipelineParallelModel(module=nn.ModuleList(chunks), optimizer=optimizer, mesh=mesh, micro_batch=layout.mbs,
                                  device=device, split_batch=split_batch, chunks=chunks, schedule_name=layout.schedule,
                                  stage_indices=[s.index for s in specs], n_stages=layout.pp * layout.vpp,

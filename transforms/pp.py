@@ -12,12 +12,27 @@ ids, HF's output types) runs unchanged on every stage, whatever the model, trace
 - a chunk that does not end the model appends a parameter-free `_Exit` to the container, which stops the
   model's forward right after the chunk's last block and returns the hidden state (norm and head are
   dropped from the chunk).
-Chunk c of pp x vpp runs on pipeline rank c mod pp (Megatron's interleaving); the stage split is the plan's
-(block counts per chunk, uneven when the planner balances by cost) or even.
+Chunk c of pp x vpp runs on pipeline rank c mod pp (Megatron's interleaving), or in a V under zbv (rank r
+holds chunks r and 2 pp - 1 - r: cost_models/pipeline.chunk_stage); the stage split is the plan's (block
+counts per chunk, uneven when the planner balances by cost) or even.
 
-Schedules: GPipe, 1F1B and interleaved 1F1B with vpp chunks per rank, as torch implements them
-(Narayanan et al., SC'21, arXiv:2104.04473). Gradients are divided by the number of micro-batches; the
-loss on the last stage is the mean next-token cross-entropy of each micro-batch.
+Schedules, as torch implements them: GPipe, 1F1B and interleaved 1F1B with vpp chunks per rank (Narayanan
+et al., SC'21, arXiv:2104.04473); zb_interleaved (ScheduleInterleavedZeroBubble: ZB-H1 over vpp >= 1
+chunks per rank) and zbv (ScheduleZBVZeroBubble: exactly 2 chunks per rank in a V), the zero-bubble
+schedules of Qi et al. (arXiv:2401.10241), which split each backward into the input gradient (sent on at
+once) and the weight gradient (run later, in what would be the bubble). What they need, read from torch's
+source and checked by the tests:
+- the weight-gradient split walks each chunk's autograd graph from its inputs to its parameters
+  (`stage_backward_input` / `stage_backward_weight`): it works through `PipelineChunk`, its pre-hook,
+  recompute wrappers (the weight pass recomputes a checkpointed block again) and TP's DTensors; the first
+  chunk, whose input is token ids, runs its whole backward in the weight pass;
+- zbv puts the first and the last chunk on pipeline rank 0: tied embeddings then have both copies on one
+  rank and `TiedGradients` sums them there, with no group;
+- micro-batches: zb_interleaved runs in rounds of max(1, m // pp) as interleaved 1F1B does (m a multiple
+  of the rounds); zbv takes any m;
+- neither runs torch.compile'd chunks (torch refuses them; autoshard does not compile).
+Gradients are divided by the number of micro-batches; the loss on the last stage is the mean next-token
+cross-entropy of each micro-batch.
 """
 
 from __future__ import annotations
@@ -30,14 +45,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from autoshard.cost_models.pipeline import chunk_stage
 from autoshard.planner.capture.model_graph import ModelGraph
 
 from .dp import has_grad, local_grad
 from .init import clean_fqn
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+             "zb_interleaved": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble"}
 """Layout schedule -> torch.distributed.pipelining class (imported when a pipeline is built: it pulls in
 torch._dynamo, half a second on every rank of every job that has no pipeline)."""
+MULTI_CHUNK = ("interleaved_1f1b", "zb_interleaved", "zbv")
+"""Schedules that take a list of stages (torch's PipelineScheduleMulti), any number per rank but zbv's 2."""
 
 
 class _StageOutput(Exception):
@@ -117,14 +136,15 @@ class ChunkSpec:
     last: bool
 
 
-def chunk_specs(n_blocks: int, sizes: list[int], pp_rank: int, pp: int) -> list[ChunkSpec]:
-    """The chunks pipeline rank `pp_rank` runs (chunk c on rank c mod pp), from the blocks per chunk."""
+def chunk_specs(n_blocks: int, sizes: list[int], pp_rank: int, pp: int, schedule: str = "1f1b") -> list[ChunkSpec]:
+    """The chunks pipeline rank `pp_rank` runs (chunk c on rank c mod pp, or in a V under zbv), from the blocks
+    per chunk."""
     if sum(sizes) != n_blocks or min(sizes) < 1 or len(sizes) % pp:
         raise ValueError(f"a stage split of {sizes} blocks per chunk does not give each of {len(sizes)} chunks "
                          f"at least one of the {n_blocks} blocks over pp = {pp}")
     starts = [sum(sizes[:c]) for c in range(len(sizes))]
     return [ChunkSpec(index=c, blocks=range(starts[c], starts[c] + sizes[c]), first=c == 0,
-                      last=c == len(sizes) - 1) for c in range(pp_rank, len(sizes), pp)]
+                      last=c == len(sizes) - 1) for c in range(len(sizes)) if chunk_stage(c, pp, schedule) == pp_rank]
 
 
 def split_from_units(stage_units: list[list[str]], blocks: list[str]) -> list[int]:
@@ -203,34 +223,51 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def split_model(model: nn.Module, graph: ModelGraph, *, sizes: list[int], pp_rank: int, pp: int,
-                seq_len: int) -> list[PipelineChunk]:
+                seq_len: int, schedule: str = "1f1b") -> list[PipelineChunk]:
     """The chunks this pipeline rank runs, each a cut-down copy of `model` (the last one reuses it)."""
-    specs = chunk_specs(len(graph.blocks), sizes, pp_rank, pp)
+    specs = chunk_specs(len(graph.blocks), sizes, pp_rank, pp, schedule)
     return [build_chunk(model if i == len(specs) - 1 else copy.deepcopy(model), graph, spec, seq_len=seq_len)
             for i, spec in enumerate(specs)]
 
 
 class TiedGradients:
     """Tied weights split across stages (the embedding on the first, the head on the last: Megatron's embedding
-    group): each stage's copy gets the gradient of both uses, summed over the two stages before the optimizer
-    step. The copies start equal (seeded by the same name) and get equal updates, so they stay equal."""
+    group): each copy gets the gradient of both uses, summed over the copies before the optimizer step. The
+    copies start equal (seeded by the same name) and get equal updates, so they stay equal. Under zbv both
+    copies are on pipeline rank 0 and are summed there."""
 
-    def __init__(self, chunks: list[nn.Module], tied: list[list[str]], pipelines: list[list[int]]) -> None:
+    def __init__(self, chunks: list[nn.Module], tied: list[list[str]], pipelines: list[list[int]],
+                 ends: tuple[int, int]) -> None:
         """`pipelines`: the global ranks of every pipeline, first stage first (every rank creates every
-        first-last group, in the same order, as new_group requires)."""
-        names = {name for group in tied for name in group}
-        self.params = [p for chunk in chunks for n, p in chunk.named_parameters() if clean_fqn(n) in names]
+        first-last group, in the same order, as new_group requires); `ends`: the pipeline ranks holding the
+        first and the last chunk."""
+        self.copies = []
+        for group in tied:
+            names = set(group)
+            params = [p for chunk in chunks for n, p in chunk.named_parameters() if clean_fqn(n) in names]
+            if params:
+                self.copies.append(params)
         self.group = None
+        if ends[0] == ends[1]:
+            return
         for line in pipelines:
-            group = dist.new_group([line[0], line[-1]])
-            if dist.get_rank() in (line[0], line[-1]):
+            ranks = [line[ends[0]], line[ends[1]]]
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
                 self.group = group
 
     @torch.no_grad()
     def sum_gradients(self) -> None:
-        for p in self.params:
-            if has_grad(p):
-                dist.all_reduce(local_grad(p), group=self.group)
+        for params in self.copies:
+            grads = [local_grad(p) for p in params if has_grad(p)]
+            if not grads:
+                continue
+            total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+            if self.group is not None:
+                dist.all_reduce(total, group=self.group)
+            for g in grads:
+                if g is not total:
+                    g.copy_(total)
 
 
 def build_schedule(chunks: list[PipelineChunk], specs_index: list[int], *, schedule: str, n_stages: int,
@@ -241,8 +278,9 @@ def build_schedule(chunks: list[PipelineChunk], specs_index: list[int], *, sched
     stages = [pipelining.PipelineStage(chunk, index, n_stages, device, group=group)
               for chunk, index in zip(chunks, specs_index, strict=True)]
     cls = getattr(pipelining, SCHEDULES[schedule])
-    if schedule == "interleaved_1f1b":
+    if schedule in MULTI_CHUNK:
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     if len(stages) != 1:
-        raise ValueError(f"schedule {schedule} runs one chunk per pipeline rank; vpp > 1 needs interleaved_1f1b")
+        raise ValueError(f"schedule {schedule} runs one chunk per pipeline rank; vpp > 1 needs one of "
+                         f"{', '.join(MULTI_CHUNK)}")
     return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)

@@ -6,7 +6,8 @@ Names used, and where they come from:
 - torchtitan: `torchtitan/config/job_config.py` (pytorch/torchtitan @000204a4): [parallelism]
   data_parallel_replicate_degree, data_parallel_shard_degree, fsdp_reshard_after_forward,
   tensor_parallel_degree, enable_async_tensor_parallel, pipeline_parallel_degree,
-  pipeline_parallel_schedule (torch.distributed.pipelining names: 1F1B, Interleaved1F1B, GPipe),
+  pipeline_parallel_schedule (torch.distributed.pipelining names: 1F1B, Interleaved1F1B, GPipe,
+  InterleavedZeroBubble, ZBVZeroBubble),
   pipeline_parallel_split_points, pipeline_parallel_microbatch_size, context_parallel_degree,
   expert_parallel_degree; [activation_checkpoint] mode, selective_ac_option; [training] local_batch_size,
   global_batch_size, seq_len, mixed_precision_param.
@@ -30,7 +31,8 @@ from typing import Any
 from autoshard.planner.outputs.plan import Plan
 
 FRAMEWORKS = ("torchtitan", "megatron", "deepspeed")
-TITAN_SCHEDULES = {"1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B", "gpipe": "GPipe"}
+TITAN_SCHEDULES = {"1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B", "gpipe": "GPipe",
+                   "zb_interleaved": "InterleavedZeroBubble", "zbv": "ZBVZeroBubble"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -199,6 +201,9 @@ def to_megatron(plan: Plan) -> Export:
         args.append(["--tp-comm-overlap"])
     if lay["schedule"] == "gpipe" and lay["pp"] > 1:
         cannot.append("schedule=gpipe: Megatron-LM runs 1F1B (the same bubble, fewer micro-batches in flight)")
+    if lay["schedule"] in ("zb_interleaved", "zbv") and lay["pp"] > 1:
+        cannot.append(f"schedule={lay['schedule']}: Megatron-LM has no zero-bubble schedule (it runs 1F1B, "
+                      "interleaved with vpp > 1, and prices a bubble up to 3x larger)")
     args += [["--micro-batch-size", str(lay["micro_batch"])], ["--global-batch-size", str(t["global_batch"])],
              ["--seq-length", str(t["seq_len"])], ["--num-layers", str(plan.model["blocks"])], ["--bf16"]]
     if t["precision"] == "fp8":

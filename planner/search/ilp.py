@@ -1,7 +1,7 @@
 """The stage-assignment ILP: which blocks go to which pipeline chunk, and which blocks recompute.
 
 Given the degrees (tp, pp, vpp, cp, ep, dp, zero, micro-batch), the model's blocks are split into C = pp x vpp
-contiguous chunks (chunk c on pipeline rank c mod pp), the embedding joining the first chunk and the
+contiguous chunks (chunk c on pipeline rank c mod pp, in a V under zbv: pipeline.chunk_stage), the embedding joining the first chunk and the
 norm and head the last. Blocks come in *runs* of identical blocks (same signature: a dense-first MoE model
 has two runs); blocks of one run are interchangeable, so they share variables.
 
@@ -12,8 +12,9 @@ Variables
     f[s, r]    binary         stage s recomputes some block of run r in full (its working set)
     T[s]       continuous     time of one micro-batch on stage s;  T_max >= T[s]
 
-Objective (1F1B / interleaved step time, pipeline.step_time with the slowest stage bounded by T_max):
-    minimise  m * T_max + (p - 1) / (v p) * sum_s T[s]
+Objective (pipeline.step_time with the slowest stage bounded by T_max; f = pipeline.fill_drain, (p-1)/v for
+1F1B and interleaved, (p-1)/(3v) for the zero-bubble schedules):
+    minimise  m * T_max + f / p * sum_s T[s]
 
 Constraints (one method each)
     run cover      sum_c n[c, r] = |r|                                        add_cover_constraint
@@ -124,7 +125,8 @@ class StageILP:
     def _fixed(self, stage: int) -> tuple[float, float]:
         """(time, memory) of the units outside the blocks on this stage, plus its pipeline sends."""
         lay, p = self.layout, self.layout.pp
-        units = (self.pre if stage == 0 else []) + (self.post if stage == (self.chunks - 1) % p else [])
+        last = pipeline.chunk_stage(self.chunks - 1, p, lay.schedule)
+        units = (self.pre if stage == 0 else []) + (self.post if stage == last else [])
         t = sum(sum(self._unit_time(w, "none").values()) for w in units)
         kw = {"tokens": self.tokens, "tp": lay.tp, "cp": lay.cp, "sp": lay.sp, "attention": self.training.attention}
         held = pipeline.in_flight(stage, p, self.m, lay.vpp, lay.schedule)
@@ -151,7 +153,8 @@ class StageILP:
         self.f = {(s, r): pulp.LpVariable(f"f_{s}_{r}", cat="Binary") for s in range(p) for r in R}
         self.T = {s: pulp.LpVariable(f"T_{s}", 0) for s in range(p)}
         self.T_max = pulp.LpVariable("T_max", 0)
-        self.prob += self.m * self.T_max + (p - 1) / (self.layout.vpp * p) * pulp.lpSum(self.T.values())
+        fill = pipeline.fill_drain(p, self.layout.vpp, self.layout.schedule)
+        self.prob += self.m * self.T_max + fill / p * pulp.lpSum(self.T.values())
         self.add_cover_constraint()
         self.add_chunk_constraint()
         self.add_contiguity_constraint()
@@ -182,11 +185,13 @@ class StageILP:
 
     def add_balance_constraint(self) -> None:
         """| sum_r n[c, r] - sum_r n[c + p, r] | <= 1 for the chunks of one pipeline rank."""
-        p, R = self.layout.pp, range(len(self.runs))
-        for c in range(self.chunks - p):
-            a, b = pulp.lpSum(self.n[c, r] for r in R), pulp.lpSum(self.n[c + p, r] for r in R)
-            self.prob += a - b <= 1, f"balance_up_{c}"
-            self.prob += b - a <= 1, f"balance_down_{c}"
+        R = range(len(self.runs))
+        for s in range(self.layout.pp):
+            chunks = self._chunks_of(s)  # c, c + p, ... (or c and 2p-1-c in a V)
+            for c, d in zip(chunks, chunks[1:], strict=False):
+                a, b = pulp.lpSum(self.n[c, r] for r in R), pulp.lpSum(self.n[d, r] for r in R)
+                self.prob += a - b <= 1, f"balance_up_{c}"
+                self.prob += b - a <= 1, f"balance_down_{c}"
 
     def add_recompute_constraint(self) -> None:
         """sum_a k[c, r, a] = n[c, r]: each placed block has one recompute mode."""
@@ -221,7 +226,7 @@ class StageILP:
             self.prob += total <= self.profile.hbm_bytes, f"memory_{s}"
 
     def _chunks_of(self, stage: int) -> list[int]:
-        return list(range(stage, self.chunks, self.layout.pp))
+        return [c for c in range(self.chunks) if pipeline.chunk_stage(c, self.layout.pp, self.layout.schedule) == stage]
 
     # ---------------------------------------------------------------- solve
 

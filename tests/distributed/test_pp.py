@@ -1,6 +1,7 @@
 """Pipeline parallelism (transforms/pp.py) against the unsharded model, in real multi-process runs (torchrun,
 gloo on CPU) through examples/train.py: losses of 5 AdamW steps within 1e-4 relative and whole gradients after
-step 1 within 1e-5 (fp32), for 1F1B, interleaved 1F1B, GPipe, uneven splits and PP combined with TP and DP."""
+step 1 within 1e-5 (fp32), for 1F1B, interleaved 1F1B, GPipe, the zero-bubble zb_interleaved and zbv, uneven
+splits and PP combined with TP and DP."""
 
 from __future__ import annotations
 
@@ -27,12 +28,18 @@ PIPELINES = [("pp=2", 2), ("pp=4", 4), ("pp=2,vpp=2", 2), ("pp=2,schedule=gpipe"
              ("pp=2,dp=2,zero=1", 4), ("pp=2,dp=2,zero=3,recompute=full", 4)]
 WITH_CP_AND_EP = [(TINY_LLAMA, "pp=2,cp=2"), (TINY_MOE, "pp=2,ep=2"), (TINY_MOE, "pp=2,ep=2,zero=3")]
 TIED = [("pp=2", 2), ("pp=2,tp=2", 4)]
+ZERO_BUBBLE = [(TINY_LLAMA, "pp=2,schedule=zb_interleaved", 2), (TINY_LLAMA, "pp=2,vpp=2,schedule=zb_interleaved", 2),
+               (TINY_LLAMA, "pp=2,schedule=zbv", 2), (TINY_LLAMA, "pp=2,schedule=zbv,recompute=full", 2),
+               (TINY_GPT, "pp=2,schedule=zbv", 2), (TINY_LLAMA, "pp=4,schedule=zb_interleaved", 4),
+               (TINY_LLAMA, "pp=2,dp=2,zero=1,schedule=zbv", 4), (TINY_LLAMA, "pp=2,dp=2,zero=2,schedule=zbv", 4),
+               (TINY_GPT, "pp=2,tp=2,schedule=zbv", 4)]
 UNEVEN = [("pp=2", ("--stage-split", "1,3")), ("pp=2,vpp=2", ("--stage-split", "1,1,1,1"))]
 CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per world size runs them all
     *[(TINY_LLAMA, layout, nproc, ()) for layout, nproc in PIPELINES],
     *[(model, layout, 4, ()) for model, layout in WITH_CP_AND_EP],
     *[(TINY_GPT, layout, nproc, ()) for layout, nproc in TIED],
     *[(TINY_LLAMA, layout, 2, extra) for layout, extra in UNEVEN],
+    *[(model, layout, nproc, ()) for model, layout, nproc in ZERO_BUBBLE],
     *([(HF_LLAMA, "pp=2", 2, ()), (HF_LLAMA, "pp=2,cp=2", 4, ())] if HAS_HF else []),
 ]
 
@@ -66,6 +73,13 @@ def test_tied_embeddings_across_stages(layout, nproc, runs):
     runs.check(TINY_GPT, layout, nproc)
 
 
+@pytest.mark.parametrize(("model", "layout", "nproc"), ZERO_BUBBLE)
+def test_zero_bubble_schedules_match_the_unsharded_model(model, layout, nproc, runs):
+    """torch's split backward (input gradient now, weight gradient later) through our chunks: with recompute,
+    tied embeddings (zbv: both copies on pipeline rank 0), TP's DTensors, ZeRO-1 and FSDP2 without resharding."""
+    runs.check(model, layout, nproc)
+
+
 def test_uneven_stage_splits(runs):
     for layout, extra in UNEVEN:
         runs.check(TINY_LLAMA, layout, 2, *extra)
@@ -94,6 +108,8 @@ def test_a_plan_with_its_stage_split_runs(tmp, runs):
 @pytest.mark.parametrize(("model", "layout", "nproc", "extra", "message"), [
     (TINY_LLAMA, "pp=2", 2, ("--stage-split", "2,1"), "stage split of [2, 1]"),
     (TINY_LLAMA, "pp=2,schedule=1f1b", 2, ("--stage-split", "1,1,1,1"), "stage split"),
+    (TINY_LLAMA, "pp=2,vpp=1,schedule=zbv", 2, (), "zbv's V"),
+    (TINY_LLAMA, "pp=2,dp=2,zero=3,schedule=zbv", 4, (), "zero-bubble weight pass under ZeRO-3"),
 ])
 def test_bad_pipeline_layouts_are_refused_on_every_rank(model, layout, nproc, extra, message):
     out = launch(model, layout, nproc, *extra)
@@ -112,7 +128,14 @@ def test_train_script_loss_falls_with_pp_and_dp():
     assert len(losses) == 20 and losses[-1] < losses[0] - 0.2, losses
 
 
-MEMORY = [("pp=4", 4, 0.01), ("pp=2,schedule=gpipe", 2, 0.01), ("pp=2,vpp=2", 2, 0.1)]
+ZB_HOLDS_MORE = pytest.mark.xfail(strict=True, reason=(
+    "known gap: under torch's split backward the non-first stages hold more than the micro-batches whose "
+    "weight gradient has not run (measured 4.67 / 4.67 / 5.15 against 4 on stages 1-3 of zb_interleaved pp=4; "
+    "3.0 against 2 under zbv pp=2; stage 0, whose whole backward runs in the weight pass, matches); up to 2.7 "
+    "micro-batches of saved tensors outlive the step on the last stage"))
+MEMORY = [("pp=4", 4, 0.01), ("pp=2,schedule=gpipe", 2, 0.01), ("pp=2,vpp=2", 2, 0.1),
+          pytest.param("pp=4,schedule=zb_interleaved", 4, 0.01, marks=ZB_HOLDS_MORE),
+          pytest.param("pp=2,schedule=zbv", 2, 0.1, marks=ZB_HOLDS_MORE)]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +146,8 @@ def held_per_stage():
     def get(nproc: int):
         if nproc not in launches:
             worker = ROOT / "tests" / "distributed" / "pp_memory_worker.py"
-            out = spawn([str(worker), *(layout for layout, n, _ in MEMORY if n == nproc)], nproc)
+            layouts = [getattr(case, "values", case) for case in MEMORY]
+            out = spawn([str(worker), *(layout for layout, n, _ in layouts if n == nproc)], nproc)
             reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
             launches[nproc] = out, {r["layout"]: r["rows"] for r in reports}
         return launches[nproc]
@@ -135,7 +159,8 @@ def held_per_stage():
 def test_activations_held_per_stage_match_the_cost_model(layout, nproc, rel, held_per_stage):
     """Peak bytes saved for backward on each stage, over the bytes one micro-batch saves there: the micro-batches
     in flight, against cost_models/pipeline.in_flight (1F1B: p - i; GPipe: m; interleaved: Megatron's warm-up;
-    its chunks are not equal in bytes, the last one holding the logits, hence the looser bound)."""
+    zero bubble: a micro-batch is held until its weight gradient has run, p on every stage; interleaved and
+    zbv chunks are not equal in bytes, the last one holding the logits, hence the looser bound)."""
     out, by_layout = held_per_stage(nproc)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = by_layout[layout]
