@@ -230,7 +230,7 @@ def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profi
     out["ep_comm"] = 0.0
     if w.moe_top_k and layout.ep > 1:
         # dispatch and combine, forward and backward (Megatron-Core token dispatcher)
-        sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k
+        sent = hidden_bytes / (tp if sp else 1) * w.moe_top_k * w.moe_load
         out["ep_comm"] = 4 * comm.all_to_all(sent, groups["ep"], profile)
     out["cp_exposed"] = 0.0
     if w.kv_bytes and cp > 1:

@@ -45,10 +45,14 @@ class UnitWork:
     dense_params: int
     expert_params: int
     expert_flops: float = 0.0
-    """Forward FLOPs of the routed experts (balanced routing)."""
+    """Forward FLOPs of the routed experts: balanced routing x moe_load."""
     experts: int = 0
     """Routed experts: with EP, a GPU runs experts/ep of them on tokens gathered from the EP group."""
     moe_top_k: int = 0
+    moe_load: float = 1.0
+    """Routed rows per token x top_k: 1 dropless (balanced), the capacity factor cf with a capacity, whose
+    bound cf x balanced is the load of the busiest expert, which sets the EP step (and what Megatron pads
+    to): it scales expert_flops and the all-to-all bytes."""
     kv_bytes: float = 0.0
     """Keys and values of one token (what context parallelism exchanges)."""
     score_bytes: float = 0.0
@@ -78,8 +82,10 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
     norms = len(unit.norms) if unit.kind == "block" else int(unit.kind == "norm")
     norm_fused = min(norm_measured, norms * tokens * (graph.hidden * ACT_BYTES + 8))
     expert = unit.moe.num_experts * unit.moe.expert_params if unit.moe else 0
-    # balanced routing: each token meets top_k experts, each expert is 2 x params FLOPs per token
+    # balanced routing: each token meets top_k experts, each expert is 2 x params FLOPs per token (the
+    # capture runs this; the router it runs once is in gemm_flops)
     expert_flops = 2.0 * unit.moe.top_k * unit.moe.expert_params if unit.moe else 0.0
+    load = unit.moe.capacity_factor if unit.moe and unit.moe.capacity_factor is not None else 1.0
     return UnitWork(
         name=unit.name,
         kind=unit.kind,
@@ -91,9 +97,10 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         input_bytes=graph.hidden * ACT_BYTES if unit.kind == "block" else 0.0,
         dense_params=unit.params - expert,
         expert_params=expert,
-        expert_flops=expert_flops,
+        expert_flops=expert_flops * load,
         experts=unit.moe.num_experts if unit.moe else 0,
         moe_top_k=unit.moe.top_k if unit.moe else 0,
+        moe_load=load,
         kv_bytes=kv,
         score_bytes=scores,
         sac_op_bytes=_sac_op_bytes(graph, unit),

@@ -5,7 +5,9 @@
     python examples/train.py --model MODEL --steps N --seed S        # the unsharded reference
 
 Tokens come from the seed (autoshard/synthetic.py: a learnable bigram rule with noise; the same global
-batch whatever the layout); AdamW; rank 0 prints one JSON line per step: {"step": i, "loss": x}. Degrees
+batch whatever the layout); AdamW; rank 0 prints one JSON line per step: {"step": i, "loss": x}, the mean
+next-token loss plus, for MoE models, each layer's load-balancing loss times the model's coefficient
+(`model.moe.aux_loss_coef`, trained through its gradient: `ParallelModel.train_step`). Degrees
 the layout leaves out are 1, except dp, which takes the remaining ranks; zero defaults to 0 (plain data parallel). `--plan` runs a plan written by `plan ... -o plan.yaml`
 (its layout, micro-batch and per-block recompute; --layout must then be empty).
 

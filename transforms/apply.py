@@ -32,6 +32,7 @@ from autoshard.cost_models.pipeline import chunk_stage as pipeline_chunk_stage
 from autoshard.cost_models.pipeline import split_blocks as pipeline_split_blocks
 from autoshard.cost_models.validity import schedule_errors
 from autoshard.planner.capture.model_graph import ModelGraph
+from autoshard.planner.capture.reference_model import pop_aux_losses, set_aux_loss_scale
 from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
 from autoshard.planner.outputs.plan import Plan, fingerprint
@@ -102,9 +103,13 @@ class ParallelModel:
         micro = tokens.chunk(dp)[rank].to(self.device).split(self.micro_batch)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        set_aux_loss_scale(self.module, 1 / len(micro))  # the MoE aux losses' share of the step loss
         for mb in micro:
             loss = self._loss_backward(mb, scale=1 / len(micro))
             total += loss / len(micro)
+        aux = pop_aux_losses(self.module, len(micro))  # sum over layers and micro-batches, trained by their gradients
+        if aux is not None:
+            total += aux / len(micro)
         self._finish(update)
         return self._mean_over_replicas(total)
 
@@ -130,6 +135,8 @@ class ParallelModel:
         vocab_parallel = isinstance(logits, DTensor)
         with loss_parallel() if vocab_parallel else contextlib.nullcontext():
             loss = next_token_loss(logits, targets)
+            if getattr(out, "aux_loss", None) is not None:  # Hugging Face MoE with output_router_logits
+                loss = loss + hf_aux_loss_coef(self.module) * out.aux_loss
             (loss * scale).backward()
         return _plain(loss.detach())
 
@@ -313,6 +320,10 @@ class PipelineParallelModel(ParallelModel):
         total = torch.zeros((), device=self.device)
         if last:
             total += torch.stack([_plain(x).detach() for x in losses]).mean()
+        n_micro = len(local) // self.micro_batch
+        aux = pop_aux_losses(self.module, n_micro)  # this stage's MoE layers (their gradients: schedule-scaled)
+        if aux is not None:
+            total += aux / n_micro
         dist.all_reduce(total, group=self.mesh["pp"].get_group())  # only the last stage holds the loss
         return self._mean_over_replicas(total)
 
@@ -338,6 +349,12 @@ def whole_gradients(module: nn.Module) -> dict[str, Tensor]:
         if p.grad is not None:
             grads[clean_fqn(name)] = unregrouped(module, name, _plain(p.grad).detach().cpu())
     return grads
+
+
+def hf_aux_loss_coef(module: nn.Module) -> float:
+    """A Hugging Face MoE's `router_aux_loss_coef` (its `aux_loss` is returned with output_router_logits)."""
+    config = getattr(module, "config", None) or getattr(getattr(module, "module", None), "config", None)
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:

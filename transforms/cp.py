@@ -517,6 +517,11 @@ def check_cp(model: nn.Module, graph: ModelGraph, *, cp: int, attention: str = "
             raise ValueError(f"{info.module}: context parallelism needs attention through "
                              f"F.scaled_dot_product_attention, this one computes it as {info.core} (Hugging Face "
                              "models with soft-capping or eager attention); use cp=1")
+    dropping = [u.moe.module for u in graph.units if u.moe is not None and u.moe.capacity_factor is not None]
+    if dropping:
+        raise ValueError(f"{dropping[0]}: a MoE capacity is counted over a micro-batch's tokens in token order, and "
+                         "context parallelism splits them over ranks; use cp=1 or a dropless MoE (capacity_factor "
+                         "null)")
     return keyword
 
 
@@ -530,4 +535,7 @@ def apply_cp(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, attention
         module = find_submodule(model, info.module)
         if module is not None:  # a pipeline chunk (transforms/pp.py) holds some of the blocks
             _attend_over_cp(module, info, mesh, attention)
+    for module in model.modules():  # a MoE aux loss counts the assignments of the whole micro-batch
+        if hasattr(module, "token_group") and hasattr(module, "aux_loss_log"):
+            module.token_group = mesh.get_group()
     return LoadBalancedSplit(rank=mesh.get_local_rank(), cp=cp, keyword=keyword)

@@ -6,25 +6,37 @@ of one "ep" group hold different experts (E / ep each, contiguous: rank j owns e
 tokens; the D / ep ranks of one "edp" group hold the same experts and are their data-parallel replicas.
 Everything else in the model stays data-parallel over all of "dp_cp" (transforms/dp.py).
 
-Dispatch, per MoE layer and forward. The MoE module's own forward is kept, so its routing (softmax or
-sigmoid, top-k, renormalisation, the auxiliary load-balancing loss, shared experts) is the unsharded
-model's, whatever the model: only its experts are replaced, by `LocalExperts`, which looks like the list
-of all E experts to that forward. The forward runs twice:
-1. record: calling expert e stores its input rows and returns zeros (shared experts are skipped, also
-   returning zeros); the router and top-k run as in the unsharded model;
-2. exchange: the rows for expert e, concatenated in expert order (so grouped by owner rank), go to their
-   owner with one `all_to_all_single` of the per-expert counts and one autograd-aware variable-split
-   `all_to_all_single` of the rows (dropless: nothing is cut at a capacity); each rank runs every local
-   expert once, on the rows from all ep ranks (source order), and a second all_to_all sends the outputs
-   back; its backward is the reverse exchange;
-3. replay: the forward runs again, and calling expert e now returns the output computed for exactly that
-   call, so the gates, the combine (index_add, sums) and the shared experts run in the unsharded order.
-The recorded rows keep their autograd path to the layer input (a gather by token index), so gradients
-reach the input through phase 1 and the gates and router through phase 3. The cost over a hand-fused
-forward: the router, top-k and gather run twice (a few percent of a layer's FLOPs at hidden >> E).
-A model's MoE qualifies when its forward calls its experts (each any number of times) with one tensor
-[..., hidden] and returns the same shape, deterministically for the same input: the reference MoE and the
-usual `experts` ModuleList + router pattern do.
+Dispatch, per MoE layer and forward. Only the experts are replaced, so the routing (softmax or sigmoid,
+top-k, renormalisation, capacity drops, the auxiliary load-balancing loss, shared experts) stays the
+unsharded model's code. Three paths, by what the MoE module lets us replace:
+- route -> run_experts -> combine (autoshard's reference MoE, planner/capture/reference_model.py; any
+  module with a `run_experts(rows, counts)` method, rows grouped by expert, counts[e] rows for expert e):
+  the router runs once; `run_experts` is replaced by `expert_parallel_run`: one `all_to_all_single` of
+  the per-expert counts and one autograd-aware variable-split `all_to_all_single` of the rows (already cut
+  to capacity on the sending rank, so dropped assignments are never sent), each rank runs its E / ep
+  experts on the rows from all ep ranks (grouped by local expert: one grouped GEMM per weight where
+  `torch._grouped_mm` runs, reference_model.run_local_experts), and a second all_to_all sends the outputs
+  back in the order they came; the backward is the reverse exchange.
+- stacked experts called as experts(hidden_states, top_k_index, top_k_weights) (Hugging Face
+  transformers 5 MoE blocks: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...): that module's forward is
+  replaced (`stacked_expert_forward`); the router runs once in the model's own forward.
+- anything else whose forward calls a ModuleList of experts (the fallback, e.g. a hand-written Mixtral
+  loop, tests/data/ep/mixtral_style_moe.py): record/replay, the forward runs twice:
+  1. record: calling expert e stores its input rows and returns zeros (shared experts are skipped, also
+     returning zeros); the router and top-k run as in the unsharded model;
+  2. exchange: the rows for expert e, concatenated in expert order (so grouped by owner rank), go to their
+     owner and back as above (`dispatch`);
+  3. replay: the forward runs again, and calling expert e now returns the output computed for exactly that
+     call, so the gates, the combine (index_add, sums) and the shared experts run in the unsharded order.
+  The recorded rows keep their autograd path to the layer input (a gather by token index), so gradients
+  reach the input through phase 1 and the gates and router through phase 3. The cost over a hand-fused
+  forward: the router, top-k and gather run twice (a few percent of a layer's FLOPs at hidden >> E). It
+  needs a forward that calls its experts (each any number of times) with one tensor [..., hidden] and
+  returns the same shape, deterministically for the same input.
+The routing group (the tokens whose T*k assignments share a capacity and an aux loss) is what one rank's
+MoE forward sees: one micro-batch of its data-parallel shard (whole, as tensor parallelism gathers it),
+the same set as in the unsharded model run with the same micro-batch size; EP only moves rows, so the
+capacity drops and the aux loss are the unsharded model's.
 
 Gradients. Rank r's loss is the mean over its own tokens, and dense gradients are averaged over the D
 ranks. An expert's gradient on its owner already sums the contributions of all ep ranks' tokens (the
@@ -54,6 +66,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from autoshard.planner.capture.model_graph import ModelGraph, MoEInfo
+from autoshard.planner.capture.reference_model import run_local_experts
 
 from .dp import ShardedAdamW
 from .init import REGROUPED, clean_fqn, find_submodule
@@ -61,7 +74,7 @@ from .init import REGROUPED, clean_fqn, find_submodule
 
 class LocalExperts(nn.Module):
     """Stands in for a MoE layer's experts ModuleList: holds this rank's experts under their global indices
-    (parameter names stay `experts.{e}.…`) and, to the layer's forward, looks like the list of all E
+    (parameter names stay `experts.{e}.…`) and, to a record/replay forward, looks like the list of all E
     experts, whose entries record their inputs or replay outputs computed on the owner ranks."""
 
     def __init__(self, experts: nn.ModuleList, owned: range) -> None:
@@ -141,6 +154,30 @@ def dispatch(calls: dict[int, list[Tensor]], experts: LocalExperts, *, hidden: i
         parts = y.split([x.numel() // hidden for x in shapes])
         results[e] = [p.view(*x.shape[:-1], p.shape[-1]) for p, x in zip(parts, shapes, strict=True)]
     return results
+
+
+def expert_parallel_run(experts: LocalExperts, group: dist.ProcessGroup) -> Callable[[Tensor, Tensor], Tensor]:
+    """`run_experts(rows, counts)` of a route -> run_experts -> combine MoE with the experts on their owner
+    ranks: rows grouped by (global) expert, counts [E]; the outputs in the same order (module docstring)."""
+    per_rank, local = len(experts.owned), experts.local()
+
+    def run(rows: Tensor, counts: Tensor) -> Tensor:
+        ep = dist.get_world_size(group)
+        recv_counts = torch.empty_like(counts)  # [source rank, local expert] flattened
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        send_splits = counts.view(ep, per_rank).sum(1).tolist()
+        recv_splits = recv_counts.view(ep, per_rank).sum(1).tolist()
+        received = all_to_all_single_autograd(rows.contiguous(), recv_splits, send_splits, group)
+        pieces = received.split(recv_counts.tolist())
+        by_expert = [s * per_rank + i for i in range(per_rank) for s in range(ep)]  # [local expert, source]
+        out = run_local_experts(local, torch.cat([pieces[j] for j in by_expert]),
+                                recv_counts.view(ep, per_rank).sum(0))
+        outs: list[Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+        for j, part in zip(by_expert, out.split([pieces[j].shape[0] for j in by_expert]), strict=True):
+            outs[j] = part
+        return all_to_all_single_autograd(torch.cat(outs), send_splits, recv_splits, group)
+
+    return run
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
@@ -340,8 +377,11 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
             continue
         experts = LocalExperts(model.get_submodule(info.experts), owned)
         setattr(model.get_submodule(parent), attr, experts)
-        shared = [model.get_submodule(s) for s in info.shared]
-        moe.forward = expert_parallel_forward(moe, experts, shared, ep_mesh.get_group())
+        if callable(getattr(moe, "run_experts", None)):  # route -> run_experts -> combine: the router runs once
+            moe.run_experts = expert_parallel_run(experts, ep_mesh.get_group())
+        else:
+            shared = [model.get_submodule(s) for s in info.shared]
+            moe.forward = expert_parallel_forward(moe, experts, shared, ep_mesh.get_group())
         local += experts.local()
     if zero >= 2:
         for expert in local:

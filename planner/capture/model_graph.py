@@ -77,6 +77,9 @@ class MoEInfo:
     fused: bool = False
     """Experts stored as stacked tensors [experts, ...] in one module called as experts(x, top_k_index,
     top_k_weights) (Hugging Face transformers 5) rather than a ModuleList of expert modules."""
+    capacity_factor: float | None = None
+    """None: dropless; else each expert takes at most capacity_factor x the balanced load of a routing group
+    (the MoE module's `capacity_factor`, as autoshard's reference MoE declares it)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,7 +27,10 @@ says which. Big models are only ever built on the meta device:
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
@@ -117,9 +120,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.style = style
         gpt = style == "gpt"
-        self.w1 = nn.Linear(hidden, ffn_hidden, bias=gpt)
-        self.w2 = nn.Linear(ffn_hidden, hidden, bias=gpt)
-        self.w3 = None if gpt else nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w1 = _linear(hidden, ffn_hidden, bias=gpt)
+        self.w2 = _linear(ffn_hidden, hidden, bias=gpt)
+        self.w3 = None if gpt else _linear(hidden, ffn_hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
@@ -127,37 +130,75 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _linear(in_features: int, out_features: int, *, bias: bool) -> nn.Linear:
+    """nn.Linear; built on meta, without its random init, which means nothing there and was most of the
+    capture time of a 256-expert model (2,300 meta `kaiming_uniform_` calls for DeepSeek-V3's kept blocks)."""
+    if torch.get_default_device().type != "meta":
+        return nn.Linear(in_features, out_features, bias=bias)
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features))
+    linear.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+    return linear
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts (Mixtral-style softmax then top-k, renormalised when k > 1), plus
-    optional always-on shared experts (DeepSeek), with dropless dispatch.
+    optional always-on shared experts (DeepSeek), dropless or with a capacity factor.
 
-    Dispatch: the T*k (token, expert) assignments are sorted by expert (`argsort(stable=True)`), the tokens
-    gathered in that order, split into one contiguous chunk per expert, each chunk run through its expert,
-    scaled by its gate weight and added back to its token with `index_add_`.
+    The forward is route -> dispatch -> combine, and expert parallelism (transforms/ep.py) replaces only
+    `run_experts`, so the router runs once per forward however the experts are placed:
+    1. route: router, softmax, top-k over the T tokens of the call (the routing group: one micro-batch of
+       one data-parallel rank; tensor parallelism gathers the whole micro-batch first). Assignment
+       a = t * k + j is token t's j-th choice.
+    2. assign: the T*k assignments sorted by expert (`argsort(stable=True)`, so ascending a within an
+       expert). With `capacity_factor` cf, expert e keeps its first C = ceil(cf * T * k / E) assignments in
+       that order (token order, then choice: Switch Transformer / GShard's "position" priority) and drops
+       the rest; a dropped assignment contributes zero (the block's residual carries the token).
+       `dropped` counts them over all forwards so far (recomputes in backward left out).
+    3. run_experts(rows, counts): rows grouped by expert, `counts[e]` rows for expert e; one grouped GEMM
+       per weight (`torch._grouped_mm`) where it runs (`grouped_mm_ok`), else a loop over the experts.
+    4. combine: each output scaled by its gate (not renormalised after drops) and added to its token
+       (`index_add_`), plus the shared experts.
 
-    Chunk sizes: with real values they are the routed counts (`bincount`). Under `torch.fx.symbolic_trace`
-    or on meta tensors there are no values, so the tokens are split as evenly as possible among the experts
-    (`tensor_split`), i.e. the FLOPs of perfectly balanced routing, which is what the planner captures (and
-    what MoE throughput benchmarks force). FakeTensor capture (make_fx "fake") would hit the data-dependent
-    `bincount`; capture on meta instead.
+    Capture (`torch.fx.symbolic_trace` or meta tensors, where there are no values): the rows are not
+    counted and one expert runs on all T*k of them, the FLOPs and saved bytes of perfectly balanced
+    routing (what MoE throughput benchmarks force) at 1/E of the dispatch cost; the cost model applies the
+    capacity factor (cost_models/work.py). FakeTensor capture (make_fx "fake") would hit the
+    data-dependent `bincount`; capture on meta instead.
 
-    After each eager forward, `aux_loss` holds the Switch Transformer load-balancing loss
-    (Fedus et al. 2021, arXiv:2101.03961, eq. 4): E * sum_i f_i * P_i, with f_i the fraction of the T*k
-    assignments routed to expert i and P_i the mean router probability of expert i. Add
-    `coef * aux_loss` (e.g. 0.01) to the training loss.
+    Auxiliary loss: `aux_loss` holds the Switch Transformer load-balancing loss of the last forward
+    (Fedus et al. 2021, arXiv:2101.03961, eq. 4): E * sum_i f_i * P_i over the routing group, f_i the
+    fraction of its T*k assignments routed to expert i (before capacity drops), P_i the mean router
+    probability of expert i. When context parallelism splits a micro-batch's sequences over ranks,
+    `token_group` is their process group and the counts behind f_i are all-reduced over it, while P_i is
+    this rank's mean (Megatron-Core's switch_load_balancing_loss_func): the mean over those ranks of the
+    local values is then the loss of the whole micro-batch. `aux_loss_coef` > 0 adds
+    `aux_loss_coef * aux_loss` to the training loss through its gradient (`AuxLossToGradient`, as
+    Megatron's MoEAuxLossAutoScaler): with the step loss the mean over micro-batches, the training loop sets
+    `aux_loss_scale` to 1 / micro-batches (transforms/apply.py; pipeline schedules divide the gradients
+    themselves). The backward of each trained forward appends the value to `aux_loss_log`, which the
+    training loop reads to report the loss it trained (`pop_aux_losses`).
     """
 
     def __init__(
-        self, hidden: int, *, experts: int, top_k: int, expert_ffn_hidden: int, shared_experts: int = 0
+        self, hidden: int, *, experts: int, top_k: int, expert_ffn_hidden: int, shared_experts: int = 0,
+        capacity_factor: float | None = None, aux_loss_coef: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = experts, top_k
+        self.capacity_factor, self.aux_loss_coef = capacity_factor, aux_loss_coef
         self.router = nn.Linear(hidden, experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(hidden, expert_ffn_hidden) for _ in range(experts))
         self.shared_experts = (
             FeedForward(hidden, shared_experts * expert_ffn_hidden) if shared_experts > 0 else None
         )
         self.aux_loss: Tensor | None = None
+        self.aux_loss_scale = 1.0
+        self.aux_loss_log: list[Tensor] = []
+        self.token_group = None
+        self.dropped = 0
 
     def forward(self, x: Tensor) -> Tensor:
         xt = x.reshape(-1, x.shape[-1])  # [T, hidden]
@@ -166,31 +207,103 @@ class MoE(nn.Module):
         if self.top_k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         flat_ids = expert_ids.reshape(-1)  # [T*k], assignment a belongs to token a // k
-        order = torch.argsort(flat_ids, stable=True)
-        token_idx = order // self.top_k
-        routed = xt[token_idx]  # [T*k, hidden], grouped by expert
         if _is_symbolic_tracing() or x.is_meta:
-            # capture (balanced routing): every expert would get T*k/E rows; one expert on all T*k rows has
-            # the same FLOPs and saved bytes forward and backward (both linear in rows) and costs 1/E of
-            # the dispatch, so a 256-expert block is traced and measured as fast as a dense one
-            outs = self.experts[0](routed)
+            order, counts = torch.argsort(flat_ids, stable=True), None
         else:
-            chunks = routed.split(torch.bincount(flat_ids, minlength=self.num_experts).tolist())
-            outs = torch.cat([expert(chunks[i]) for i, expert in enumerate(self.experts)])
+            order, counts = self.assign(flat_ids)
+        token_idx = order // self.top_k
+        outs = self.run_experts(xt[token_idx], counts)  # [kept, hidden], grouped by expert
         outs = outs * gate.reshape(-1)[order].to(outs.dtype)[:, None]
         y = torch.zeros_like(xt).index_add_(0, token_idx, outs)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         if not _is_symbolic_tracing():
-            self.aux_loss = self._load_balancing_loss(probs, flat_ids)
+            y = self._add_aux_loss(y, probs, flat_ids)
         return y.view_as(x)
 
-    def _load_balancing_loss(self, probs: Tensor, flat_ids: Tensor) -> Tensor:
-        """Switch Transformer eq. 4: E * sum_i f_i * P_i (1.0 when routing is perfectly balanced)."""
+    def assign(self, flat_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(kept assignments grouped by expert, ascending within one; kept rows per expert [E])."""
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        if self.capacity_factor is None:
+            return order, counts
+        capacity = math.ceil(self.capacity_factor * flat_ids.numel() / self.num_experts)
+        first = torch.cumsum(counts, 0) - counts  # position of each expert's first assignment in `order`
+        keep = torch.arange(len(order), device=order.device) - first[flat_ids[order]] < capacity
+        if torch._C._current_graph_task_id() == -1:  # not the recompute of an activation checkpoint
+            self.dropped += int(len(order) - keep.sum())
+        return order[keep], counts.clamp(max=capacity)
+
+    def run_experts(self, rows: Tensor, counts: Tensor | None) -> Tensor:
+        """Expert e on its `counts[e]` consecutive rows (counts None: capture, one expert on all rows)."""
+        if counts is None:
+            return self.experts[0](rows)
+        return run_local_experts(list(self.experts), rows, counts)
+
+    def _add_aux_loss(self, y: Tensor, probs: Tensor, flat_ids: Tensor) -> Tensor:
+        # scatter_add, not bincount: the capture's fake tensors have no values to size a bincount by
         counts = probs.new_zeros(self.num_experts).scatter_add_(0, flat_ids, probs.new_ones(flat_ids.shape))
-        f = counts / flat_ids.shape[0]
-        p = probs.mean(dim=0)
-        return self.num_experts * (f * p).sum()
+        assignments = flat_ids.numel()
+        if self.token_group is not None:
+            dist.all_reduce(counts, group=self.token_group)
+            assignments *= dist.get_world_size(self.token_group)
+        self.aux_loss = self.num_experts * (counts / assignments * probs.mean(dim=0)).sum()
+        if self.aux_loss_coef > 0 and torch.is_grad_enabled():
+            y = AuxLossToGradient.apply(y, self.aux_loss, self.aux_loss_coef * self.aux_loss_scale, self.aux_loss_log)
+        return y
+
+
+class AuxLossToGradient(torch.autograd.Function):
+    """Identity on `y`; in backward, `aux` gets the gradient `scale`: adds scale * aux to the loss being
+    differentiated wherever y's gradient comes from (Megatron-Core's MoEAuxLossAutoScaler). The backward
+    appends aux's value to `log`: it runs once per trained forward, never for a forward that is not
+    differentiated (a pipeline stage's shape inference) or that recomputes a checkpoint in backward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, aux: Tensor, scale: float, log: list[Tensor]) -> Tensor:
+        ctx.scale, ctx.log = scale, log
+        ctx.save_for_backward(aux)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        (aux,) = ctx.saved_tensors
+        ctx.log.append(aux.detach())
+        return grad, torch.full_like(aux, ctx.scale), None, None
+
+
+def grouped_mm_ok(experts: list[nn.Module], rows: Tensor) -> bool:
+    """`torch._grouped_mm` runs the experts: bias-free SwiGLU experts with plain (not FSDP-sharded) weights,
+    fp32 or bf16, rows 16-byte aligned (it refuses other strides); on CPU, and on CUDA from sm90 (H100)."""
+    if not hasattr(torch, "_grouped_mm") or not experts or rows.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if rows.is_cuda and torch.cuda.get_device_capability(rows.device) < (9, 0):
+        return False
+    first = experts[0]
+    if not isinstance(first, FeedForward) or first.w3 is None or first.w1.bias is not None:
+        return False
+    weights = [e.w1.weight for e in experts]
+    if any(type(w) is not nn.Parameter and type(w) is not Tensor for w in weights):
+        return False  # a DTensor shard (FSDP2) is gathered by the expert's own forward only
+    align = 16 // rows.element_size()
+    return first.w1.in_features % align == 0 and first.w1.out_features % align == 0 and \
+        all(w.dtype == rows.dtype for w in weights)
+
+
+def run_local_experts(experts: list[nn.Module], rows: Tensor, counts: Tensor) -> Tensor:
+    """Expert i of `experts` on its `counts[i]` consecutive rows of `rows`, outputs in the same order: one
+    grouped GEMM per SwiGLU weight where `grouped_mm_ok`, else expert by expert."""
+    if grouped_mm_ok(experts, rows):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        rows = rows.contiguous()
+
+        def gmm(x: Tensor, name: str) -> Tensor:
+            weight = torch.stack([getattr(e, name).weight for e in experts])  # [E, out, in]
+            return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+
+        return gmm(F.silu(gmm(rows, "w1")) * gmm(rows, "w3"), "w2")
+    chunks = rows.split(counts.tolist())
+    return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks, strict=True)])
 
 
 class TransformerBlock(nn.Module):
@@ -211,6 +324,8 @@ class TransformerBlock(nn.Module):
                 top_k=spec.moe.top_k,
                 expert_ffn_hidden=spec.moe.expert_ffn_hidden,
                 shared_experts=spec.moe.shared_experts,
+                capacity_factor=spec.moe.capacity_factor,
+                aux_loss_coef=spec.moe.aux_loss_coef,
             )
         else:
             assert spec.ffn_hidden is not None, "the spec parser requires ffn_hidden for dense layers"
@@ -294,6 +409,28 @@ class Transformer(nn.Module):
         """Sum of the MoE layers' load-balancing losses from the last forward, or None for a dense model."""
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """d(step loss) / d(one micro-batch's loss) for the aux loss gradient of every MoE layer of `model`."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.aux_loss_scale = scale
+
+
+def pop_aux_losses(model: nn.Module, micro_batches: int) -> Tensor | None:
+    """sum over the MoE layers of `model` of aux_loss_coef x the sum of the aux losses of the step's
+    `micro_batches` backwards (the last ones logged: a pipeline schedule's first step also differentiates
+    a shape-inference forward, on placeholder inputs, before them), the logs emptied; None when no layer
+    adds its aux loss."""
+    total = None
+    for m in model.modules():
+        if isinstance(m, MoE):
+            if m.aux_loss_coef > 0 and m.aux_loss_log:
+                part = m.aux_loss_coef * torch.stack(m.aux_loss_log[-micro_batches:]).sum()
+                total = part if total is None else total + part
+            m.aux_loss_log.clear()
+    return total
 
 
 def build_reference_model(spec: ModelSpec, layer_ids: list[int] | None = None) -> Transformer:

@@ -5,7 +5,8 @@ A spec describes a decoder-only transformer in a few numbers (see ARCHITECTURE.m
 ```yaml
 model:    {name, layers, hidden, ffn_hidden, heads, kv_heads, vocab, seq_len, tied_embeddings, style,
            norm_eps, rope_theta,
-           moe: null | {experts, top_k, expert_ffn_hidden, shared_experts, dense_layers_first}}
+           moe: null | {experts, top_k, expert_ffn_hidden, shared_experts, dense_layers_first,
+                        capacity_factor, aux_loss_coef}}
 training: {global_batch_sequences, micro_batch, precision: bf16|fp8, seq_len}   # all optional
 ```
 
@@ -35,7 +36,8 @@ _MODEL_KEYS = (
     "name", "layers", "hidden", "ffn_hidden", "heads", "kv_heads", "vocab", "seq_len",
     "tied_embeddings", "moe", "style", "norm_eps", "rope_theta",
 )  # fmt: skip
-_MOE_KEYS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "dense_layers_first")
+_MOE_KEYS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "dense_layers_first", "capacity_factor",
+             "aux_loss_coef")
 _TRAINING_KEYS = ("global_batch_sequences", "micro_batch", "precision", "seq_len")
 _TOP_KEYS = ("model", "training")
 _STYLES: tuple[Style, ...] = ("gpt", "llama")
@@ -57,6 +59,12 @@ class MoESpec:
     """Always-active experts per MoE layer, fused into one FFN of width shared_experts x expert_ffn_hidden."""
     dense_layers_first: int = 0
     """The first this-many layers use a dense FFN of width `ffn_hidden` instead of experts (DeepSeek-V3: 3)."""
+    capacity_factor: float | None = None
+    """None: dropless. Else each expert takes at most ceil(capacity_factor x T x top_k / experts) of the T x top_k
+    assignments of one routing group (the T tokens of one micro-batch), the rest are dropped in token order
+    (reference_model.MoE); priced as capacity_factor x the balanced load."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch load-balancing loss added to the training loss per MoE layer (0: not added)."""
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -207,7 +215,16 @@ def _parse_moe(data: Mapping[str, Any], *, layers: int, source: str) -> MoESpec:
         expert_ffn_hidden=r.req_int("expert_ffn_hidden"),
         shared_experts=r.int_("shared_experts", minimum=0) or 0,
         dense_layers_first=dense_first,
+        capacity_factor=r.float_("capacity_factor", 1.0) if data.get("capacity_factor") is not None else None,
+        aux_loss_coef=_aux_loss_coef(r),
     )
+
+
+def _aux_loss_coef(r: _Reader) -> float:
+    value = r.data.get("aux_loss_coef", 0.01)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise r.fail("aux_loss_coef", "must be a number >= 0", "Use 0 to train without the load-balancing loss.")
+    return float(value)
 
 
 def _check_shapes(r: _Reader, *, hidden: int, heads: int, kv_heads: int) -> None:

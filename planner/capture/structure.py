@@ -251,7 +251,8 @@ def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | Non
         top_k = next((e.info["k"] for e in events if e.kind == "fn" and e.name == "topk"
                       and e.stack and _under(e.stack[-1], parent)), 1)
         return MoEInfo(module=parent, router=router, experts=experts, num_experts=count, top_k=top_k,
-                       shared=shared, expert_params=param_count(mod) // count, fused=fused)
+                       shared=shared, expert_params=param_count(mod) // count, fused=fused,
+                       capacity_factor=getattr(model.get_submodule(parent), "capacity_factor", None))
     return None
 
 

@@ -8,7 +8,8 @@ all of them (about 3.5 CPU seconds per rank and launch, most of a tiny case's co
 Each case runs as examples/train.py runs it (its argument parser with the test's arguments, its model
 builder, layout parsing, batch check, apply_layout arguments and synthetic batches; only the process group
 is started once for all cases; train.py's checkpoint, --verify and --grads-out options are not mirrored
-and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after step 1} to DIR/case-<i>.pt,
+and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after step 1, "dropped": MoE
+assignments dropped at capacity on rank 0} to DIR/case-<i>.pt,
 i the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
 its own (train.py's reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id
 "reference:<model>". rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
@@ -37,8 +38,9 @@ _spec.loader.exec_module(train)
 BASE = ["--steps", "5", "--seed", "7", "--global-batch", "8", "--seq-len", "32"]
 
 
-def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """train.main's body for one case on `world` ranks (1: the unsharded reference on this rank alone)."""
+def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """train.main's body for one case on `world` ranks (1: the unsharded reference on this rank alone); also
+    the MoE assignments this rank dropped at capacity (reference_model.MoE.dropped)."""
     args = train._parser().parse_args(["--model", model, *BASE, *(["--layout", layout] if layout else []), *extra])
     unmirrored = [f for f in ("checkpoint_dir", "resume", "verify", "grads_out") if getattr(args, f, None)]
     assert not unmirrored, f"equivalence_worker.py does not run train.py's {unmirrored}: launch train.py instead"
@@ -57,7 +59,7 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
         losses.append(parallel.train_step(train._batch(args, vocab, step)))
         if step == 0:
             grads = parallel.full_gradients()
-    return losses, grads
+    return losses, grads, sum(getattr(m, "dropped", 0) for m in model_.modules())
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
 
     def save(case: str, name: str, result, start: float) -> None:
         if rank == 0:
-            torch.save({"losses": result[0], "grads": result[1]}, args.out / name)
+            torch.save({"losses": result[0], "grads": result[1], "dropped": result[2]}, args.out / name)
             print(json.dumps({"case": case, "file": name, "seconds": time.perf_counter() - start}), flush=True)
 
     models = list(dict.fromkeys(model for _, model, _, _ in cases))

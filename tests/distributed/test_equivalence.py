@@ -93,12 +93,16 @@ class Runs:
 
     def result(self, model: Path, layout: str, nproc: int, *extra: str) -> tuple[list[float], dict]:
         """(losses per step, whole gradients after step 1) of the case; layout "": the model's reference."""
+        saved = self.saved(model, layout, nproc, *extra)
+        return saved["losses"], saved["grads"]
+
+    def saved(self, model: Path, layout: str, nproc: int, *extra: str) -> dict:
+        """Everything equivalence_worker.py saved for the case (layout "": the model's reference)."""
         out, rows, folder = self._launch(nproc)
         case = _case_id(model, layout, extra) if layout else f"reference:{model}"
         assert out.returncode == 0, out.stderr[-3000:]
         assert "refused" not in rows[case], rows[case]
-        saved = torch.load(folder / rows[case]["file"])
-        return saved["losses"], saved["grads"]
+        return torch.load(folder / rows[case]["file"])
 
     def _launch(self, nproc: int):
         if nproc not in self.launches:

@@ -208,14 +208,14 @@ def test_bad_top_level() -> None:
 
 
 def test_unknown_keys_warn() -> None:
-    moe = dict(MOE, mla=True, capacity_factor=1.25)
+    moe = dict(MOE, mla=True, router_jitter=0.1)
     data = spec(
         model={"mla": True, "mtp_depth": 1, "params_b": 671, "moe": moe}, training={"recompute": "full"}
     )
     data["hardware"] = {"gpu": "H100"}
     _, _, warnings = parse_spec(data, source="s.yaml")
     assert len(warnings) == 1
-    keys = "hardware model.mla model.mtp_depth model.params_b model.moe.mla model.moe.capacity_factor"
+    keys = "hardware model.mla model.mtp_depth model.params_b model.moe.mla model.moe.router_jitter"
     for key in [*keys.split(), "training.recompute"]:
         assert key in warnings[0], key
     assert warnings[0].startswith("s.yaml: ")
