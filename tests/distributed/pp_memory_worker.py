@@ -2,7 +2,8 @@
 (one launch per world size), apply it to tiny_llama, run one step with m micro-batches while tracking every
 tensor saved for backward, and print, per pipeline rank, the peak bytes held against the bytes one
 micro-batch saves: the micro-batches in flight, beside the cost model's `in_flight()` for the schedule
-(cost_models/pipeline.py); one JSON line per layout: {"layout": ..., "rows": [...]}."""
+(cost_models/pipeline.py), and what is still held after the step, in the same unit; one JSON line per
+layout: {"layout": ..., "rows": [...]}."""
 
 import json
 import os
@@ -37,8 +38,16 @@ class Held:
 
 
 class Saved:
+    """One saved tensor, held detached: a pack hook that keeps the tensor itself makes a cycle when the tensor
+    is its node's output (node -> packed object -> tensor -> grad_fn; the warning in torch's
+    `saved_tensors_hooks`). Running a node in a backward without retain_graph releases its saved tensors and
+    breaks the cycle. Under the zero-bubble schedules no backward does that for most nodes: the input pass
+    (torch's `stage_backward_input`) runs with retain_graph=True and the weight pass only runs the nodes that
+    lead to a weight, not attention, RoPE or the norms' inputs. With the tensor itself held, those nodes
+    leaked (up to 2.7 micro-batches a step on the last stage) and the peaks read 4.67 for 4."""
+
     def __init__(self, t: torch.Tensor, held: Held) -> None:
-        self.t, self.held, self.nbytes = t, held, t.numel() * t.element_size()
+        self.t, self.held, self.nbytes = t.detach(), held, t.numel() * t.element_size()
         held.live += self.nbytes
         held.total += self.nbytes
         held.peak = max(held.peak, held.live)
@@ -59,7 +68,7 @@ def measure(text: str) -> list[dict]:
     with saved_tensors_hooks(held.pack, lambda saved: saved.t):
         parallel.train_step(tokens)
     stage = parallel.mesh["pp"].get_local_rank()
-    row = {"stage": stage, "measured": held.peak / (held.total / M),
+    row = {"stage": stage, "measured": held.peak / (held.total / M), "left": held.live / (held.total / M),
            "predicted": in_flight(stage, layout.pp, M, layout.vpp, layout.schedule)}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
