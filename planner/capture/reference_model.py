@@ -230,8 +230,9 @@ class MoE(nn.Module):
         capacity = math.ceil(self.capacity_factor * flat_ids.numel() / self.num_experts)
         first = torch.cumsum(counts, 0) - counts  # position of each expert's first assignment in `order`
         keep = torch.arange(len(order), device=order.device) - first[flat_ids[order]] < capacity
+        dropped = int(len(order) - keep.sum())  # also in a recompute: selective checkpointing replays op by op
         if torch._C._current_graph_task_id() == -1:  # not the recompute of an activation checkpoint
-            self.dropped += int(len(order) - keep.sum())
+            self.dropped += dropped
         return order[keep], counts.clamp(max=capacity)
 
     def run_experts(self, rows: Tensor, counts: Tensor | None) -> Tensor:
@@ -248,7 +249,7 @@ class MoE(nn.Module):
             dist.all_reduce(counts, group=self.token_group)
             assignments *= dist.get_world_size(self.token_group)
         self.aux_loss = self.num_experts * (counts / assignments * probs.mean(dim=0)).sum()
-        if self.aux_loss_coef > 0 and torch.is_grad_enabled():
+        if self.aux_loss_coef > 0 and torch.is_grad_enabled() and not y.is_meta:  # meta: capture, nothing trained
             y = AuxLossToGradient.apply(y, self.aux_loss, self.aux_loss_coef * self.aux_loss_scale, self.aux_loss_log)
         return y
 
@@ -274,10 +275,13 @@ class AuxLossToGradient(torch.autograd.Function):
 
 def grouped_mm_ok(experts: list[nn.Module], rows: Tensor) -> bool:
     """`torch._grouped_mm` runs the experts: bias-free SwiGLU experts with plain (not FSDP-sharded) weights,
-    fp32 or bf16, rows 16-byte aligned (it refuses other strides); on CPU, and on CUDA from sm90 (H100)."""
+    rows 16-byte aligned (it refuses other strides), fp32 or bf16 on CPU (checked exact against the loop in
+    tests/unit/test_moe_capacity.py), bf16 on CUDA from sm90 (H100; its CUTLASS kernel; not run here: no GPU).
+    The stacked copy of the experts' weights it multiplies is kept for backward: one MoE layer's local expert
+    weights more per layer in flight (3-D expert parameters would avoid it, at the cost of renaming them)."""
     if not hasattr(torch, "_grouped_mm") or not experts or rows.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if rows.is_cuda and torch.cuda.get_device_capability(rows.device) < (9, 0):
+    if rows.is_cuda and (rows.dtype != torch.bfloat16 or torch.cuda.get_device_capability(rows.device) < (9, 0)):
         return False
     first = experts[0]
     if not isinstance(first, FeedForward) or first.w3 is None or first.w1.bias is not None:

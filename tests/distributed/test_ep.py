@@ -39,9 +39,9 @@ CASES = [(MIXED, layout, nproc, ()) for layout, nproc in LAYOUTS] + [
     (SKEWED, "ep=4,zero=2", 4, ()), (MIXTRAL_STYLE, "ep=2,recompute=full", 2, ()),
     (TINY_MOE, "ep=4,dp=4", 4, ("--steps", "20"))]
 CAPACITY_LAYOUTS = [
-    ("ep=2,zero=1", 2),            # capacity cut on the sending rank, the aux loss's router gradient through DDP
+    ("ep=2,zero=1,recompute=selective", 2),  # capacity cut on the sending rank; the same ops when recomputed
     ("ep=2,tp=2,zero=2", 4),       # the routing group is the tp-gathered micro-batch; FSDP2 experts (expert loop)
-    ("pp=2,ep=2,zero=1", 4),       # aux loss gradients and values per pipeline stage
+    ("pp=2,ep=2,zero=1,recompute=full", 4),  # aux loss gradients and values per pipeline stage
 ]
 CASES += [(CAPACITY, layout, nproc, ()) for layout, nproc in CAPACITY_LAYOUTS]
 CASES += [(MIXED, "ep=2,cp=2", 4, ())]  # aux loss counts all-reduced over the cp ranks of one micro-batch

@@ -142,3 +142,22 @@ def test_capacity_is_priced_as_cf_times_the_balanced_load_and_the_router_once():
     assert unit_time(dropless, layout=layout, training=Training(global_batch=8, seq_len=32), profile=profile,
                      groups=groups, tokens=32, hidden=64, recompute="none")["ep_comm"] < times["ep_comm"]
     assert math.isclose(work.moe_load, 1.25)
+
+
+def test_hugging_face_aux_loss_is_added_with_the_models_coefficient():
+    """A transformers MoE with output_router_logits returns aux_loss; train_step adds router_aux_loss_coef x it,
+    as the model's own loss with labels does (one process, no layout)."""
+    transformers = pytest.importorskip("transformers")
+    from autoshard.cost_models.layout import complete
+    from autoshard.transforms.apply import apply_layout, next_token_loss
+
+    config = transformers.AutoConfig.from_pretrained(Path(__file__).resolve().parents[1] / "data" / "hf" / "tiny_mixtral")
+    config.output_router_logits = True
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokens = torch.randint(0, config.vocab_size, (2, 33))
+    with torch.no_grad():
+        out = model(tokens[:, :-1])
+        want = next_token_loss(out.logits, tokens[:, 1:]) + config.router_aux_loss_coef * out.aux_loss
+    parallel = apply_layout(model, complete({"zero": 0, "mbs": 2}, 1), graph=capture(model, 1, 32))
+    assert parallel.train_step(tokens, update=False) == pytest.approx(want.item(), rel=1e-6)
