@@ -7,7 +7,9 @@ against capacity, the step-time breakdown and the alternatives.
 
 The timeline replays the schedule's action order (`schedule_order`) with each stage's time per
 micro-batch from the plan, split forward:backward as 1:GEMM_BWD_FACTOR (the cost model's GEMM ratio,
-cost_models/compute.py), and each action waiting for the one it depends on (`simulate`). Rank order is
+cost_models/compute.py), and each action waiting for the one it depends on (`simulate`). The zero-bubble
+schedules run torch's order of F, B (input gradient) and W (weight gradient), split 1:1:1 as the cost model
+prices them (cost_models/pipeline.SPLIT_BACKWARD). Rank order is
 the cost model's and transforms/apply.py's: axes (pp, dp, cp, tp) outermost to innermost, EP carved
 from dp x cp with its ranks consecutive (cost_models/communication.layout_groups).
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 from autoshard.cost_models.communication import Group, layout_groups
 from autoshard.cost_models.compute import GEMM_BWD_FACTOR
+from autoshard.cost_models.pipeline import SPLIT_BACKWARD, V_SHAPED, ZERO_BUBBLE
 from autoshard.planner.outputs.plan import Plan, compact_units
 
 FWD_SHARE = 1.0 / (1.0 + GEMM_BWD_FACTOR)
@@ -30,7 +33,7 @@ MESH_AXES = ("pp", "dp", "cp", "tp")
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "reserve")
 COLORS = {"weights": "#4c72b0", "gradients": "#55a868", "optimizer": "#c44e52", "activations": "#8172b2",
           "logits": "#ccb974", "buffers": "#64b5cd", "reserve": "#a0a0a0", "total": "#7f7f7f",
-          "F": "#4c72b0", "B": "#55a868", "idle": "#f4c7c3"}
+          "F": "#4c72b0", "B": "#55a868", "W": "#8fbf6f", "idle": "#f4c7c3"}
 TIME_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#8c8c8c",
                "#ccb974", "#64b5cd")
 
@@ -40,7 +43,8 @@ TIME_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2", "#937860",
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One forward (F) or backward (B) of one micro-batch through one model chunk on one stage."""
+    """One forward (F), backward (B; the input gradient under a zero-bubble schedule) or weight gradient (W)
+    of one micro-batch through one model chunk on one stage."""
 
     stage: int
     kind: str
@@ -57,8 +61,10 @@ def schedule_order(p: int, m: int, v: int, schedule: str, stage: int) -> list[tu
     before the first backward, then one backward after each forward, then the remaining backwards.
     Interleaved 1F1B (Sec. 2.2.2, Megatron-LM's schedule): forwards in groups of p micro-batches through
     chunk 0, 1, ..., v-1, backwards through the chunks in reverse; (p - stage - 1) x 2 + (v - 1) x p warm-up
-    forwards, then one forward and one backward alternately.
+    forwards, then one forward and one backward alternately. Zero bubble: `zero_bubble_order`.
     """
+    if schedule in ZERO_BUBBLE:
+        return zero_bubble_order(p, m, v, schedule, stage)
     if schedule == "gpipe":
         return [("F", mb, c) for c in range(v) for mb in range(m)] + \
                [("B", mb, c) for c in reversed(range(v)) for mb in range(m)]
@@ -73,12 +79,79 @@ def schedule_order(p: int, m: int, v: int, schedule: str, stage: int) -> list[tu
     return order
 
 
+def zero_bubble_order(p: int, m: int, v: int, schedule: str, stage: int) -> list[tuple[str, int, int]]:
+    """(kind, micro-batch, chunk) in the order `stage` runs them under torch's zero-bubble schedules (the
+    orders of torch.distributed.pipelining, checked action by action in tests/unit/test_pipeline_schedules.py).
+
+    zb_interleaved (ZB-H1, Qi et al. arXiv:2401.10241 Sec. 3.1, over v chunks in rounds of r = m / max(1, m // p)
+    micro-batches): (v-1) r + p-1-stage warm-up forwards, then a forward and an input backward alternately,
+    from the stage-th pair on each followed by the weight pass of the oldest backward, then the weight passes
+    left. zbv (Sec. 6, chunk 0 going down the ranks and chunk 1 up): 2(p-s)-1 forwards of chunk 0, s pairs
+    (chunk 1, chunk 0), p-s chunk-1 F B W, then F B W of chunk 0 and chunk 1 in turn, then the backwards left
+    with their weight passes, built for max(m, 2p-1) micro-batches and the extra ones dropped."""
+    if schedule in V_SHAPED:
+        return _zbv_order(p, m, stage)
+    per_round = m // max(1, m // p)
+    fwd = [(mb, i // per_round % v) for i, mb in enumerate(_chunk_counts(m, v, per_round, reverse=False))]
+    bwd = [(mb, v - 1 - i // per_round % v) for i, mb in enumerate(_chunk_counts(m, v, per_round, reverse=True))]
+    warm = min((v - 1) * per_round + p - 1 - stage, m * v)
+    order = [("F", *fwd[i]) for i in range(warm)]
+    weights = 0
+    for i in range(warm, m * v + warm):
+        if i < m * v:
+            order.append(("F", *fwd[i]))
+        order.append(("B", *bwd[i - warm]))
+        if i - warm >= stage:  # the stage-th backward on: the oldest weight pass fills what was the bubble
+            order.append(("W", *bwd[weights]))
+            weights += 1
+    return order + [("W", *bwd[i]) for i in range(weights, m * v)]
+
+
+def _chunk_counts(m: int, v: int, per_round: int, *, reverse: bool) -> list[int]:
+    """Micro-batch index of each of the m v forwards (or backwards) visiting the chunks a round at a time."""
+    seen = [0] * v
+    out = []
+    for i in range(m * v):
+        c = v - 1 - i // per_round % v if reverse else i // per_round % v
+        out.append(seen[c])
+        seen[c] += 1
+    return out
+
+
+def _zbv_order(p: int, m: int, s: int) -> list[tuple[str, int, int]]:
+    n = max(m, 2 * p - 1)
+    count = {(k, c): 0 for k in "FBW" for c in (0, 1)}
+    order: list[tuple[str, int, int]] = []
+
+    def run(*actions: tuple[str, int]) -> None:
+        for kind, c in actions:
+            order.append((kind, count[kind, c], c))
+            count[kind, c] += 1
+
+    run(*[("F", 0)] * (2 * (p - s) - 1))
+    for _ in range(s):
+        run(("F", 1), ("F", 0))
+    for _ in range(p - s):
+        run(("F", 1), ("B", 1), ("W", 1))
+    while count["F", 1] < count["F", 0] or count["F", 0] < n:
+        run(*([("F", 0)] if count["F", 0] < n else []), ("B", 0), ("W", 0), ("F", 1), ("B", 1), ("W", 1))
+    for _ in range(s):
+        run(("B", 0), ("B", 1))
+    for _ in range(p - s):
+        run(("B", 0), ("W", 0))
+    run(*[("W", 1)] * (count["B", 1] - count["W", 1]), *[("W", 0)] * (count["B", 0] - count["W", 0]))
+    return [a for a in order if a[1] < m]
+
+
 def simulate(p: int, m: int, v: int, schedule: str, fwd_s: list[float], bwd_s: list[float]) -> list[list[Action]]:
     """Each stage runs its `schedule_order`; an action starts when its stage is free and its input is
-    ready: the forward of virtual stage k (chunk c on stage s is k = c p + s) after the forward of k - 1,
-    the backward of k after the backward of k + 1 (the last one after its own forward). `fwd_s[s]` and
-    `bwd_s[s]` are one chunk's times on stage s."""
+    ready: the forward of virtual stage k (chunk c on stage s is k = c p + s; under zbv chunk 1 is
+    k = 2p - 1 - s) after the forward of k - 1, the backward of k after the backward of k + 1 (the last one
+    after its own forward), a weight pass after its own backward. `fwd_s[s]` and `bwd_s[s]` are one chunk's
+    times on stage s; under a zero-bubble schedule the backward's time is split between B and W as
+    SPLIT_BACKWARD."""
     orders = [schedule_order(p, m, v, schedule, s) for s in range(p)]
+    b_share = SPLIT_BACKWARD[1] / (SPLIT_BACKWARD[1] + SPLIT_BACKWARD[2]) if schedule in ZERO_BUBBLE else 1.0
     done: dict[tuple[str, int, int], float] = {}
     free, pos = [0.0] * p, [0] * p
     out: list[list[Action]] = [[] for _ in range(p)]
@@ -88,15 +161,15 @@ def simulate(p: int, m: int, v: int, schedule: str, fwd_s: list[float], bwd_s: l
         for s in range(p):
             while pos[s] < len(orders[s]):
                 kind, mb, c = orders[s][pos[s]]
-                k = c * p + s
-                dep = (("F", mb, k - 1) if k > 0 else None) if kind == "F" else \
-                      (("B", mb, k + 1) if k < p * v - 1 else ("F", mb, k))
+                k = c * p + (p - 1 - s if schedule in V_SHAPED and c % 2 else s)
+                dep = {"F": ("F", mb, k - 1) if k > 0 else None, "W": ("B", mb, k),
+                       "B": ("B", mb, k + 1) if k < p * v - 1 else ("F", mb, k)}[kind]
                 if dep is not None and dep not in done:
                     break
                 start = max(free[s], done[dep] if dep else 0.0)
-                end = start + (fwd_s[s] if kind == "F" else bwd_s[s])
-                done[(kind, mb, k)] = free[s] = end
-                out[s].append(Action(stage=s, kind=kind, micro_batch=mb, chunk=c, start=start, end=end))
+                length = {"F": fwd_s[s], "B": bwd_s[s] * b_share, "W": bwd_s[s] * (1 - b_share)}[kind]
+                done[(kind, mb, k)] = free[s] = start + length
+                out[s].append(Action(stage=s, kind=kind, micro_batch=mb, chunk=c, start=start, end=start + length))
                 pos[s] += 1
                 left -= 1
                 moved = True
@@ -110,8 +183,9 @@ def plan_timeline(plan: Plan) -> list[list[Action]]:
     lay = plan.layout
     p, v, m = lay["pp"], lay["vpp"], plan.predicted["micro_batches"]
     per_chunk = [s.predicted_time_s / v for s in plan.stages]
-    return simulate(p, m, v, lay["schedule"], [t * FWD_SHARE for t in per_chunk],
-                    [t * (1 - FWD_SHARE) for t in per_chunk])
+    fwd_share = SPLIT_BACKWARD[0] if lay["schedule"] in ZERO_BUBBLE else FWD_SHARE
+    return simulate(p, m, v, lay["schedule"], [t * fwd_share for t in per_chunk],
+                    [t * (1 - fwd_share) for t in per_chunk])
 
 
 def idle_fraction(timeline: list[list[Action]]) -> float:
@@ -269,14 +343,18 @@ def _timeline_svg(plan: Plan, timeline: list[list[Action]]) -> str:
     axis_y = 24 + len(timeline) * row_h + 14
     ticks = "".join(f'<text x="{left + f * end * scale:.1f}" y="{axis_y}" font-size="11" text-anchor="middle">'
                     f'{f * end:.3g} s</text>' for f in (0, 0.25, 0.5, 0.75, 1.0))
+    zero_bubble = lay["schedule"] in ZERO_BUBBLE
+    kinds = ((("F", "forward (label: micro-batch)"), ("B", "input gradient"), ("W", "weight gradient"))
+             if zero_bubble else (("F", "forward (label: micro-batch)"), ("B", "backward")))
     legend = "".join(f'<rect x="{left + i * 190}" y="4" width="14" height="12" fill="{COLORS[k]}"/>'
                      f'<text x="{left + i * 190 + 20}" y="14" font-size="12">{label}</text>'
-                     for i, (k, label) in enumerate((("F", "forward (label: micro-batch)"), ("B", "backward"),
-                                                     ("idle", "idle: the pipeline bubble"))))
+                     for i, (k, label) in enumerate((*kinds, ("idle", "idle: the pipeline bubble"))))
     idle = idle_fraction(timeline)
+    split = ("forward : input gradient : weight gradient " + ":".join(f"{x / SPLIT_BACKWARD[0]:g}" for x in SPLIT_BACKWARD)
+             if zero_bubble else f"1:{GEMM_BWD_FACTOR:g}")
     note = (f"<p class=\"note\">{lay['schedule']} with pp={lay['pp']}, vpp={lay['vpp']}, "
             f"{plan.predicted['micro_batches']} micro-batches; each stage's forward + backward time per micro-batch "
-            f"from the plan, split 1:{GEMM_BWD_FACTOR:g}" + (", later chunks lighter" if lay["vpp"] > 1 else "") +
+            f"from the plan, split {split}" + (", later chunks lighter" if lay["vpp"] > 1 else "") +
             f". Pipeline span {end:.4g} s, idle {idle:.1%} of stage time (the cost model's bubble: "
             f"{plan.predicted['time_breakdown_s'].get('bubble', 0.0):.3g} s per step). Communication between stages "
             "is not drawn.</p>")
@@ -410,7 +488,7 @@ def _short(layout: dict[str, Any]) -> str:
 
 def _png_timeline(ax: Any, plan: Plan, timeline: list[list[Action]]) -> None:
     for s, row in enumerate(timeline):
-        for kind in ("F", "B"):
+        for kind in ("F", "B", "W"):
             bars = [(a.start, a.end - a.start) for a in row if a.kind == kind]
             ax.broken_barh(bars, (s - 0.4, 0.8), facecolors=COLORS[kind], edgecolors="white", linewidth=0.2)
     end = max(a.end for row in timeline for a in row)
@@ -419,8 +497,10 @@ def _png_timeline(ax: Any, plan: Plan, timeline: list[list[Action]]) -> None:
     ax.set_ylim(len(timeline) - 0.5, -0.5)
     ax.set_xlabel("seconds")
     ax.set_ylabel("pipeline stage")
+    backward = ("input gradient green, weight gradient light green" if plan.layout["schedule"] in ZERO_BUBBLE
+                else "backward green")
     ax.set_title(f"{plan.layout['schedule']} (pp={plan.layout['pp']}, vpp={plan.layout['vpp']}, "
-                 f"{plan.predicted['micro_batches']} micro-batches): forward blue, backward green, "
+                 f"{plan.predicted['micro_batches']} micro-batches): forward blue, {backward}, "
                  f"idle (bubble) pink, {idle_fraction(timeline):.1%} idle", fontsize=10)
 
 

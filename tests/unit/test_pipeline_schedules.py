@@ -14,14 +14,21 @@ from torch.distributed.pipelining import schedules as torch_schedules
 
 from autoshard.cost_models.estimate import assign_stages, estimate
 from autoshard.cost_models.layout import Layout, Training, parse_layout
-from autoshard.cost_models.pipeline import (SPLIT_BACKWARD, chunk_stage, fill_drain, in_flight, split_blocks,
-                                            step_time)
+from autoshard.cost_models.pipeline import (
+    SPLIT_BACKWARD,
+    chunk_stage,
+    fill_drain,
+    in_flight,
+    split_blocks,
+    step_time,
+)
 from autoshard.cost_models.validity import layout_errors, schedule_errors
 from autoshard.cost_models.work import model_work
 from autoshard.hardware_profiles import load_profile
 from autoshard.planner.capture.reference_model import build_reference_model
 from autoshard.planner.capture.spec import load_spec
 from autoshard.planner.capture.trace import capture
+from autoshard.planner.outputs.report import schedule_order, simulate
 from autoshard.transforms.pp import SCHEDULES, chunk_specs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +128,27 @@ def test_zbv_with_few_micro_batches(m):
     orders, n = torch_order("zbv", 4, 2, m)
     assert [held_peak(orders[r], 2) for r in range(4)] == [in_flight(r, 4, m, 2, "zbv") for r in range(4)]
     assert replay(orders, n, 1 / 6, 1 / 6, 1 / 6) - m >= fill_drain(4, 2, "zbv") - 1e-9
+
+
+@pytest.mark.parametrize(("schedule", "v"), [("zb_interleaved", 1), ("zb_interleaved", 2), ("zb_interleaved", 3),
+                                         ("zbv", 2)])
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_report_draws_torchs_order(schedule, v, p):
+    """The report's timeline (planner/outputs/report.py) runs torch's F / I / W order action by action, for m up
+    to 3p + 1 (zb_interleaved: those torch takes, multiples of its rounds), and its replay gives the priced
+    bubble."""
+    for m in range(1, 3 * p + 2):
+        if schedule == "zb_interleaved" and m % max(1, m // p):
+            continue
+        orders, _ = torch_order(schedule, p, v, m)
+        for r in range(p):
+            want = [({"I": "B"}.get(a.computation_type.value, a.computation_type.value), a.microbatch_index,
+                     a.stage_index // p) for a in orders[r]]
+            assert schedule_order(p, m, v, schedule, r) == want, (m, r)
+    m = 2 * p
+    timeline = simulate(p, m, v, schedule, [1 / (3 * v)] * p, [2 / (3 * v)] * p)
+    assert max(a.end for row in timeline for a in row) - m == pytest.approx(fill_drain(p, v, schedule))
+    assert {a.kind for row in timeline for a in row} == {"F", "B", "W"}
 
 
 def test_zero_bubble_with_unequal_backward_halves():

@@ -108,3 +108,19 @@ def test_png_report(tiny_plan, tmp_path):
     assert pixels.shape[0] > 500 and (pixels[..., :3] < 0.9).any(axis=-1).mean() > 0.05
     with pytest.raises(ValueError, match=".html or .png"):
         write_report(tiny_plan, tmp_path / "plan.pdf", gpus_per_node=8)
+
+
+def test_zero_bubble_timeline_draws_weight_passes():
+    """A zbv plan's timeline runs torch's F / B / W order (tests/unit/test_pipeline_schedules.py checks it action
+    by action), not 1F1B's, and says so."""
+    from autoshard.planner.api import plan
+    from autoshard.planner.outputs.report import plan_timeline
+
+    spec = Path(__file__).resolve().parents[3] / "examples" / "specs" / "tiny_llama.yaml"
+    zbv = plan(spec, gpus=2, profile="h100_ib", global_batch=8,
+               layout="tp=1,pp=2,vpp=2,cp=1,ep=1,dp=1,zero=1,mbs=1,recompute=none,schedule=zbv")
+    timeline = plan_timeline(zbv)
+    assert [a.kind for a in timeline[0]].count("W") == 2 * 8
+    assert [a.chunk for a in timeline[0] if a.kind == "F"][:3] == [0, 0, 0]  # 2p - 1 forwards of chunk 0 first
+    page = render_html(zbv, gpus_per_node=8)
+    assert "weight gradient" in page and "input gradient : weight gradient 1:1:1" in page
