@@ -31,7 +31,6 @@ from autoshard.cost_models.validity import TORCH_SCHEDULES, cp_errors, layout_er
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
 from autoshard.planner.capture.model_graph import ModelGraph
-from autoshard.planner.search.ilp import StageILP
 
 MBS_CHOICES = (1, 2, 4, 8)
 VPP_CHOICES = (1, 2, 4)
@@ -225,6 +224,7 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     out: list[Candidate] = []
     fastest = math.inf  # the tuple's fastest fitting candidate so far
     for mbs in _mbs_options(per_dp, fixed):
+        combos = []
         for vpp, schedule in ((v, sch) for v in _choices("vpp", vpps, fixed)
                               for sch in _schedules(pp, v, training, fixed)):
             base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
@@ -234,8 +234,11 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
                        for r in _choices("recompute", list(RECOMPUTE), fixed)]
             errors = [layout_errors(graph, lay, training) for lay in layouts]
             result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
-            layouts = [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]
-            cand = _first_fit(graph, work, layouts, training, profile, result, fastest) if layouts else None
+            if layouts := [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]:
+                combos.append(layouts)
+        for i, layouts in enumerate(combos):
+            # whether the last one fits decides the next micro-batch: it is priced until that is known
+            cand = _first_fit(graph, work, layouts, training, profile, result, fastest, i == len(combos) - 1)
             if cand is not None:
                 out.append(cand)
                 if cand.estimate.fits:
@@ -273,27 +276,33 @@ def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> 
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,
-               profile: Profile, result: SearchResult, fastest: float = math.inf) -> Candidate | None:
+               profile: Profile, result: SearchResult, fastest: float = math.inf,
+               need_fit: bool = True) -> Candidate | None:
     """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
     those. When none fits, the layout closest to fitting (kept for the no-fit report).
 
-    Once one fits, the rest are skipped when they cannot rank ahead of `fastest` (the tuple's fastest so
-    far) or of that one: a recompute or a ZeRO stage only adds stage time, so the first layout's pipeline
-    time (ZeRO below 3, no recompute; its step less the DP traffic and optimizer, which depend on both) is a
-    floor for all of them. The tuple's best candidate, and whether this micro-batch fits, stay the same."""
+    A layout is skipped when it cannot rank ahead of `fastest` (the tuple's fastest so far) or of the one
+    that fits: ZeRO stages below 3 share their stage times, ZeRO-3 and recompute only add to them, so the
+    pipeline time (the step less the DP traffic and optimizer, which depend on both) of a ZeRO < 3 layout
+    priced at the same or a lighter recompute is a floor for it. With `need_fit`, the caller needs to know
+    whether any fits: then only once one has. The tuple's best candidate stays the same."""
     best: Candidate | None = None
     closest: Candidate | None = None
     done: set[int] = set()
-    floor = 0.0
+    floors: dict[str, float] = {}  # recompute mode -> pipeline time of a ZeRO < 3 layout with it
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
         if layout.zero in done:
             continue
-        if best is not None and _ranks_after(floor, min(fastest, best.estimate.step_time_s)):
-            break
+        if best is not None or not need_fit:
+            heavy = RECOMPUTE.index(layout.recompute)
+            floor = max((t for r, t in floors.items() if RECOMPUTE.index(r) <= heavy), default=0.0)
+            if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
+                continue
         est = estimate(graph, layout, training, profile, work=work)
         result.priced += 1
-        if layout is layouts[0] and layout.zero < 3 and layout.recompute == "none":
-            floor = est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"]
+        if layout.zero < 3:
+            floors[layout.recompute] = (est.step_time_s - est.time_breakdown["dp_exposed"]
+                                        - est.time_breakdown["optimizer"])
         cand = Candidate(layout=layout, estimate=est)
         if est.fits:
             done.add(layout.zero)
@@ -315,6 +324,9 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
             continue
         if get_framework(training.framework).even_stages:
             continue  # the ILP's uneven stage split would not run there
+        # imported here, not at the top: PuLP takes 0.1-0.25 s to import, and most plans need no ILP
+        from autoshard.planner.search.ilp import StageILP
+
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
                        vocab=graph.vocab, modes=modes).build()
