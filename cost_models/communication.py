@@ -2,7 +2,9 @@
 
 Ring algorithms, as nccl-tests PERFORMANCE.md defines bus bandwidth (S = bytes per rank's full buffer,
 n = ranks, B = bus bandwidth, a = per-step latency):
-    all-reduce              2 (n-1)/n * S / B + 2 a_ring
+    all-reduce              2 (n-1)/n * S / B + 2 a_ring  (ring), or across d > 1 domains
+                            2 S / (0.92 B) + 2 ((k-1) a_nvlink + log2(d) a_network)  (NCCL's tree),
+                            whichever is faster, as NCCL's tuner chooses
     all-gather, reduce-scatter (n-1)/n * S / B + a_ring
     all-to-all              (n-1)/n * S / B + a_ring         (pairwise exchange)
 with a_ring = (n - d) a_nvlink + (d - 1) a_network over the d NVLink domains the ring spans (NCCL's model).
@@ -16,6 +18,7 @@ faster across DGX nodes than DP with TP=8).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autoshard.hardware_profiles import Profile
@@ -57,8 +60,28 @@ def link(group: Group, profile: Profile) -> tuple[float, float]:
     return min(nvlink, network), profile.inter_node_latency_s
 
 
+TREE_BW_FACTOR = 0.92
+"""A tree all-reduce moves 2 S per rank at this fraction of the ring's bus bandwidth (NCCL
+src/graph/tuning.cc: the tree's bus bandwidth is the ring's scaled by .92 when it crosses nodes)."""
+
+
 def all_reduce(nbytes: float, group: Group, profile: Profile) -> float:
-    return 2 * _ring(nbytes, group, profile)
+    """The faster of NCCL's ring and tree algorithms, as NCCL's tuner picks per call (src/graph/tuning.cc)."""
+    return min(2 * _ring(nbytes, group, profile), _tree_all_reduce(nbytes, group, profile))
+
+
+def _tree_all_reduce(nbytes: float, group: Group, profile: Profile) -> float:
+    """NCCL's double binary tree across the d NVLink domains, a chain of the k ranks inside each: reduce up
+    and broadcast down, latency 2 ((k-1) a_nvlink + log2(d) a_network) (tuning.cc's tree latency), bandwidth
+    2 S / (0.92 B). Across one domain NCCL rings (or NVLS); the tree only pays off across many nodes, where
+    the ring's 2 (d-1) network steps make a small bucket latency-bound."""
+    d = domains(group, profile)
+    if group.size <= 1 or nbytes <= 0 or d <= 1:
+        return float("inf")
+    bw, _ = link(group, profile)
+    k = max(1, group.size // d)
+    lat = 2 * ((k - 1) * profile.intra_node_latency_s + math.log2(d) * profile.inter_node_latency_s)
+    return 2 * nbytes / (TREE_BW_FACTOR * bw) + lat
 
 
 def all_gather(nbytes: float, group: Group, profile: Profile) -> float:

@@ -34,8 +34,10 @@ from autoshard.planner.capture.model_graph import ModelGraph
 
 MBS_CHOICES = (1, 2, 4, 8)
 VPP_CHOICES = (1, 2, 4)
-ZERO_ORDER = (1, 2, 3)
-"""ZeRO-1 first: it moves what plain DP moves and shards the optimizer state; 0 only when asked for."""
+ZERO_ORDER = (0, 1, 2, 3)
+"""Every stage: ZeRO-1's reduce-scatter + all-gather move what plain DP's all-reduce moves, but across many
+nodes NCCL runs the all-reduce as a tree (log-depth latency) and the other two as rings, so ZeRO-0 can win
+where the optimizer state fits unsharded (communication.all_reduce)."""
 ILP_CANDIDATES = 2
 LARGE_ILP_CHUNKS = 48
 """Past this many model chunks (pp x vpp) a stage ILP takes CBC seconds (Korthikanti's 530B at pp 35 x vpp 2:
@@ -250,12 +252,10 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
 
 def _framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
     """The ZeRO stages and interleaving degrees to try under the framework (validity.framework_errors):
-    ZERO_ORDER's stages it runs (ZeRO-0 when it has no ZeRO-1, which would dominate it), and vpp > 1 only
+    ZERO_ORDER's stages it runs, and vpp > 1 only
     where it interleaves (under a framework with even chunks only, every vpp dividing the blocks per stage)."""
     fw = get_framework(training.framework)
     zeros = [z for z in ZERO_ORDER if z in fw.zero_stages and (pp == 1 or z <= fw.zero_with_pp)]
-    if 1 not in zeros and 0 in fw.zero_stages:
-        zeros.insert(0, 0)
     blocks = len(graph.blocks)
     if fw.even_stages:  # only even splits run: every vpp that divides the blocks per stage (up to 8)
         vpps = [v for v in range(1, 9) if (v == 1 or (pp > 1 and fw.interleaved)) and blocks % (pp * v) == 0]

@@ -224,6 +224,24 @@ def test_ring_latency_counts_network_steps_by_node():
     assert comm.domains(g, PROFILE) == 16
 
 
+def test_all_reduce_across_many_nodes_takes_nccls_tree_when_faster():
+    """NCCL's tuner (src/graph/tuning.cc) picks ring or tree per call. 1,024 ranks, one per node (tp=8 x
+    dp=1024): a 25 MB bucket on the ring pays 2 x 1,023 network steps of 10 us (20.5 ms of latency) and
+    moves 2 x 1023/1024 x 25 MB at 50 GB/s (1.0 ms); the tree pays 2 x log2(1024) x 10 us = 0.2 ms and
+    moves 2 x 25 MB at 0.92 x 50 GB/s (1.09 ms). Inside one node there is no tree: the ring."""
+    g = comm.layout_groups(Layout(tp=8, dp=1024))["dp"]
+    nbytes = 25e6
+    ring = 2 * (1023 / 1024 * nbytes / 50e9 + 1023 * 10e-6)
+    tree = 2 * nbytes / (0.92 * 50e9) + 2 * 10 * 10e-6
+    assert tree < ring
+    assert comm.all_reduce(nbytes, g, PROFILE) == pytest.approx(tree)
+    # a huge buffer: the ring's 2 (n-1)/n S beats the tree's 2 S / 0.92
+    big = 1e12
+    assert comm.all_reduce(big, g, PROFILE) == pytest.approx(2 * (1023 / 1024 * big / 50e9 + 1023 * 10e-6))
+    one_node = comm.Group(size=8, stride=1)
+    assert comm.all_reduce(nbytes, one_node, PROFILE) == pytest.approx(2 * (7 / 8 * nbytes / 400e9 + 7 * 5e-6))
+
+
 def test_framework_lookup_names_the_valid_ones():
     from autoshard.cost_models.framework import get_framework
 
