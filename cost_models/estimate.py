@@ -114,14 +114,25 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     for stage in stages:
         stage.recompute = {w.name: (recompute or {}).get(w.name, layout.recompute) for w in stage.units}
     groups = comm.layout_groups(layout)
-    parts = [_stage_time(s, layout, training, profile, groups, tokens, m, fw) for s in stages]
+    # stages holding the same kinds of units in the same order and modes cost the same: price each once
+    keys = [(s.chunks, tuple((_cost_key(w), s.recompute[w.name]) for w in s.units)) for s in stages]
+    times: dict[tuple, dict[str, float]] = {}
+    for s, key in zip(stages, keys, strict=True):
+        if key not in times:
+            times[key] = _stage_time(s, layout, training, profile, groups, tokens, m, fw)
+    parts = [times[key] for key in keys]
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp, layout.schedule)
     grad_bytes = training.grad_bytes(fw.grad_bytes)
     dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw, grad_bytes)
     step = pipe + dp_exposed + opt
-    mems = [_stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw, grad_bytes)
-            for i, s in enumerate(stages)]
+    held = [pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) for i in range(len(stages))]
+    memo: dict[tuple, memory.StageMemory] = {}
+    for i, (s, key) in enumerate(zip(stages, keys, strict=True)):
+        if (key, held[i]) not in memo:
+            memo[key, held[i]] = _stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw,
+                                               grad_bytes)
+    mems = [memo[key, held[i]] for i, key in enumerate(keys)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
