@@ -80,19 +80,21 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     best_time = math.inf
     found: list[Candidate] = []
     pruned: list[tuple[int, int, int, int, int]] = []
+    shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
     for degrees in sorted(tuples, key=bound):
         if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed) > best_time:
             pruned.append(degrees)
             continue
-        for cand in _inner(graph, work, degrees, training, profile, fixed, result):
+        for cand in _inner(graph, work, degrees, training, profile, fixed, result, _last_shown(shown)):
             found.append(cand)
             if cand.estimate.fits:
                 best_time = min(best_time, cand.estimate.step_time_s)
+                shown[degrees] = min(shown.get(degrees, math.inf), cand.estimate.step_time_s)
     # price a few pruned tuples too, so the plan can show why the next-best layouts lost
     for degrees in pruned[:ALTERNATIVE_TUPLES]:
         if len(_distinct([c for c in found if c.estimate.fits])) > ALTERNATIVE_TUPLES:
             break
-        found.extend(_inner(graph, work, degrees, training, profile, fixed, result))
+        found.extend(_inner(graph, work, degrees, training, profile, fixed, result, _last_shown(shown)))
     result.pruned = len(pruned)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
     _refine(graph, work, fits, training, profile, result, fixed)
@@ -103,6 +105,13 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
         result.closest = min(found, key=lambda c: c.estimate.peak_memory_bytes - c.estimate.memory_capacity_bytes)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _last_shown(fastest: dict[tuple[int, int, int, int, int], float]) -> float:
+    """The step time of the last tuple a plan shows (the best and ALTERNATIVE_TUPLES more, one layout per
+    tuple) among those priced so far: a candidate that ranks after it is never shown, nor its tuple's best."""
+    times = sorted(fastest.values())
+    return times[ALTERNATIVE_TUPLES] if len(times) > ALTERNATIVE_TUPLES else math.inf
 
 
 def degree_tuples(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
@@ -218,8 +227,12 @@ def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
 
 
 def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int], training: Training,
-           profile: Profile, fixed: dict[str, Any], result: SearchResult) -> list[Candidate]:
-    """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits."""
+           profile: Profile, fixed: dict[str, Any], result: SearchResult,
+           last_shown: float = math.inf) -> list[Candidate]:
+    """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits.
+
+    Once the tuple has a layout that fits, choices that rank after it or after `last_shown` (_last_shown) are
+    skipped (_first_fit): the tuple's best is kept whenever a plan could show it."""
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
     zeros, vpps = _framework_choices(graph, training, pp)
@@ -240,7 +253,8 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
                 combos.append(layouts)
         for i, layouts in enumerate(combos):
             # whether the last one fits decides the next micro-batch: it is priced until that is known
-            cand = _first_fit(graph, work, layouts, training, profile, result, fastest, i == len(combos) - 1)
+            bar = min(fastest, last_shown) if fastest < math.inf else math.inf
+            cand = _first_fit(graph, work, layouts, training, profile, result, bar, i == len(combos) - 1)
             if cand is not None:
                 out.append(cand)
                 if cand.estimate.fits:
