@@ -370,11 +370,16 @@ def _dominant(modes: dict[str, str]) -> str:
     return max(RECOMPUTE, key=lambda m: (counts[m], -RECOMPUTE.index(m)))
 
 
+def rank_step(step_time_s: float) -> float:
+    """A step time as the search ranks it: to 3 significant digits, finer than the model can tell apart."""
+    return float(f"{step_time_s:.3g}")
+
+
 def _rank_key(c: Candidate) -> tuple:
-    """Fastest first (to 3 significant digits, finer than the model can tell apart); among equals the
-    simpler layout (less CP, then PP, TP, EP), then less memory, then the layout string (deterministic)."""
+    """Fastest first (rank_step); among equals the simpler layout (less CP, then PP, TP, EP), then less
+    memory, then the layout string (deterministic)."""
     lay = c.layout
-    return (float(f"{c.estimate.step_time_s:.3g}"), lay.cp, lay.pp * lay.vpp, lay.tp, lay.ep,
+    return (rank_step(c.estimate.step_time_s), lay.cp, lay.pp * lay.vpp, lay.tp, lay.ep,
             round(c.estimate.peak_memory_bytes), lay.to_string())
 
 
