@@ -148,14 +148,20 @@ def with_cp_attention(fw: Framework, cp_attention: str | None) -> Framework:
     return replace(fw, cp_comm="ring" if cp_attention == "ring" else fw.cp_allgather)
 
 
+def _squash(text: str) -> str:
+    return text.strip().lower().replace("-", "").replace("_", "")
+
+
+_ALIASES = {"megatronlm": "megatron", "megatroncore": "megatron", "nemo": "megatron", "autoshard": "torch",
+            "pytorch": "torch", **{_squash(n): n for n in FRAMEWORKS}}
+
+
 def get_framework(name: str) -> Framework:
     """Case-insensitive lookup ignoring '-' and '_'; an unknown name lists the valid ones."""
-    def squash(text: str) -> str:
-        return text.strip().lower().replace("-", "").replace("_", "")
-
-    aliases = {"megatronlm": "megatron", "megatroncore": "megatron", "nemo": "megatron", "autoshard": "torch",
-               "pytorch": "torch", **{squash(n): n for n in FRAMEWORKS}}
-    key = aliases.get(squash(name))
+    fw = FRAMEWORKS.get(name)  # the exact name: the common case, on every unit the search prices
+    if fw is not None:
+        return fw
+    key = _ALIASES.get(_squash(name))
     if key is None:
         raise ValueError(f"unknown framework {name!r}; valid: {', '.join(FRAMEWORKS)}")
     return FRAMEWORKS[key]

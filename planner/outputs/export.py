@@ -28,6 +28,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoshard.cost_models.pipeline import chunk_stage
 from autoshard.planner.outputs.plan import Plan
 
 FRAMEWORKS = ("torchtitan", "megatron", "deepspeed")
@@ -53,8 +54,8 @@ def export_plan(plan: Plan, framework: str) -> Export:
 
 
 def chunks(plan: Plan) -> list[list[str]]:
-    """Block FQNs per model chunk, chunk c = virtual stage c (on pipeline rank c mod pp), from the stages'
-    units: a stage's blocks form vpp runs of consecutive indices, its chunks in order."""
+    """Block FQNs per model chunk, chunk c = virtual stage c (on pipeline rank c mod pp, or in a V under zbv),
+    from the stages' units: a stage's blocks form vpp runs of consecutive indices, its chunks in order."""
     p, v = plan.layout["pp"], plan.layout["vpp"]
     out: list[list[str]] = [[] for _ in range(p * v)]
     for stage in plan.stages:
@@ -72,8 +73,10 @@ def chunks(plan: Plan) -> list[list[str]]:
                 n = size + (1 if i >= v - extra else 0)
                 runs.append(flat[start:start + n])
                 start += n
-        for i, run in enumerate(runs):
-            out[i * p + stage.stage] = run
+        # the stage's chunks in model order (c mod p, or a V under zbv: cost_models/pipeline.chunk_stage)
+        mine = [c for c in range(p * v) if chunk_stage(c, p, plan.layout.get("schedule", "1f1b")) == stage.stage]
+        for c, run in zip(mine, runs, strict=True):
+            out[c] = run
     return out
 
 

@@ -63,7 +63,8 @@ def test_torchtitan(plans, name):
             * par["pipeline_parallel_degree"] * par["context_parallel_degree"]) == p.gpus
     if lay["pp"] > 1:
         assert par["pipeline_parallel_schedule"] == {"1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B",
-                                                     "gpipe": "GPipe"}[lay["schedule"]]
+                                                     "gpipe": "GPipe", "zb_interleaved": "InterleavedZeroBubble",
+                                                     "zbv": "ZBVZeroBubble"}[lay["schedule"]]
         assert par["pipeline_parallel_microbatch_size"] == lay["micro_batch"]
         starts = [c[0] for c in chunks(p)]
         assert par["pipeline_parallel_split_points"] == starts[1:]  # one split per chunk boundary
