@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoshard.cost_models import communication as comm
 from autoshard.cost_models.estimate import Estimate, estimate
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
@@ -236,6 +237,8 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
     zeros, vpps = _framework_choices(graph, training, pp)
+    if 0 in zeros and 1 in zeros and comm.domains(comm.Group(size=dp * cp, stride=tp), profile) == 1:
+        zeros.remove(0)  # inside one NVLink domain the all-reduce is a ring: ZeRO-1 moves as much, holds less
     out: list[Candidate] = []
     fastest = math.inf  # the tuple's fastest fitting candidate so far
     for mbs in _mbs_options(per_dp, fixed):
