@@ -124,7 +124,9 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp, layout.schedule)
     grad_bytes = training.grad_bytes(fw.grad_bytes)
-    dp_exposed, opt = _data_parallel(stages, parts, layout, profile, groups, m, fw, grad_bytes)
+    distinct = {key: (s, part) for s, key, part in zip(stages, keys, parts, strict=True)}  # max over stages
+    dp_exposed, opt = _data_parallel([s for s, _ in distinct.values()], [p for _, p in distinct.values()],
+                                     layout, profile, groups, m, fw, grad_bytes)
     step = pipe + dp_exposed + opt
     held = [pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) for i in range(len(stages))]
     memo: dict[tuple, memory.StageMemory] = {}

@@ -315,7 +315,7 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
             floor = max((t for r, t in floors.items() if RECOMPUTE.index(r) <= heavy), default=0.0)
             if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
                 continue
-        est = estimate(graph, layout, training, profile, work=work)
+        est = estimate(graph, layout, training, profile, work=work, validate=False)  # _inner validated it
         result.priced += 1
         if layout.zero < 3:
             floors[layout.recompute] = (est.step_time_s - est.time_breakdown["dp_exposed"]
