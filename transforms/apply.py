@@ -312,7 +312,7 @@ class PipelineParallelModel(ParallelModel):
         with loss_parallel() if self.mesh["tp"].size() > 1 else contextlib.nullcontext():
             self._schedule(len(local) // self.micro_batch).step(
                 *((inputs,) if first else ()), **({"target": targets, "losses": losses} if last else {}))
-        if isinstance(self.optimizer, ShardedAdamW):  # torch's schedule scaled .grad, not bf16's fp32 buffers
+        if hasattr(self.optimizer, "scale_main_grads"):  # torch's schedule scaled .grad, not bf16's fp32 buffers
             self.optimizer.scale_main_grads(1 / (len(local) // self.micro_batch))
         if self.tied is not None:
             self.tied.sum_gradients()

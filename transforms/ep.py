@@ -41,10 +41,12 @@ capacity drops and the aux loss are the unsharded model's.
 Gradients. Rank r's loss is the mean over its own tokens, and dense gradients are averaged over the D
 ranks. An expert's gradient on its owner already sums the contributions of all ep ranks' tokens (the
 all_to_all backward brings them), so it is summed over the edp group and divided by D, not by D / ep.
-`ExpertParallelOptimizer` divides the expert gradients by ep before stepping; the average over "edp" is
-ZeRO's: zero 0 and 1 a `ShardedAdamW` over "edp" (its all-reduce; flat 1/edp slices for zero 1; DDP leaves
-the experts out), zero 2 and 3 FSDP2 on each local expert over "edp" (its reduce-scatter), applied before
-the blocks' FSDP2 so those leave the experts out. (FSDP2's `set_gradient_divide_factor(D)` would fold the
+`ExpertParallelOptimizer` divides the expert gradients by ep before stepping (`.grad`, and under bf16 with
+fp32 gradient reduction the fp32 `main_grad` buffer they accumulate in); the average over "edp" is ZeRO's:
+zero 0 and 1 a `ShardedAdamW` over "edp" (its all-reduce; flat 1/edp slices for zero 1; DDP leaves the
+experts out; under bf16 the experts are bf16 and it holds their fp32 master, as the dense optimizer does,
+transforms/precision.py), zero 2 and 3 FSDP2 on each local expert over "edp" (its reduce-scatter, in the
+same mixed-precision policy), applied before the blocks' FSDP2 so those leave the experts out. (FSDP2's `set_gradient_divide_factor(D)` would fold the
 1 / ep into the reduce-scatter, but it needs PREMUL_SUM, which gloo lacks.) The expert parameters keep
 their unsharded names (`experts.{e}...`), so the seeded init (transforms/init.py) gives them the unsharded
 model's values and `ExpertShards.gather` can collect whole gradients by name.
@@ -63,7 +65,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from autoshard.planner.capture.model_graph import ModelGraph, MoEInfo
 from autoshard.planner.capture.reference_model import run_local_experts
@@ -261,7 +263,8 @@ def stacked_expert_forward(experts: nn.Module, *, num_experts: int, owned: range
 class ExpertParallelOptimizer:
     """The dense optimizer and the experts' own stepped as one (the interface ParallelModel uses). The
     experts' one averages their gradients over the edp ranks (the all-reduce in `ShardedAdamW`, or FSDP2's
-    reduce-scatter); they are divided by ep first, as each already sums the tokens of all ep ranks."""
+    reduce-scatter); they are divided by ep first, as each already sums the tokens of all ep ranks (in
+    whichever buffer holds them: `.grad` and, under bf16 with fp32 reduction, `main_grad`)."""
 
     def __init__(self, dense, experts, *, expert_params: list[nn.Parameter], ep: int) -> None:
         self.optimizers = (dense, experts)
@@ -274,10 +277,17 @@ class ExpertParallelOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         for p in self.expert_params:
-            if p.grad is not None:
-                p.grad.div_(self.ep)
+            for g in (p.grad, getattr(p, "main_grad", None)):
+                if g is not None:
+                    g.div_(self.ep)
         for opt in self.optimizers:
             opt.step()
+
+    def scale_main_grads(self, factor: float) -> None:
+        """`ShardedAdamW.scale_main_grads` on each optimizer that has fp32 gradient buffers (PP under bf16)."""
+        for opt in self.optimizers:
+            if hasattr(opt, "scale_main_grads"):
+                opt.scale_main_grads(factor)
 
     @property
     def state(self) -> dict:
@@ -299,9 +309,13 @@ class ExpertShards:
     ep_mesh: DeviceMesh
     edp_mesh: DeviceMesh
     zero: int
+    mp_policy: MixedPrecisionPolicy | None = None
+    """bf16 (transforms/precision.py): FSDP2's policy under zero 2-3; under zero 0-1 the experts' `ShardedAdamW`
+    casts them to bf16 and keeps their fp32 master. None: fp32."""
 
     def optimizer(self, dense, *, lr: float, weight_decay: float = 0.0) -> ExpertParallelOptimizer:
-        """`dense` (the data-parallel optimizer of the other parameters) joined with the experts' own."""
+        """`dense` (the data-parallel optimizer of the other parameters) joined with the experts' own (under
+        zero 0-1 and bf16, this casts the experts to bf16)."""
         params = [p for m in self.experts for p in m.parameters()]
         if not params:  # a pipeline stage without MoE layers
             return dense
@@ -309,7 +323,8 @@ class ExpertShards:
             experts = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         else:
             experts = ShardedAdamW(params, group=self.edp_mesh.get_group(), reduce_grads=True,
-                                   shard=self.zero == 1, lr=lr, weight_decay=weight_decay)
+                                   shard=self.zero == 1, lr=lr, weight_decay=weight_decay,
+                                   mp_policy=self.mp_policy)
         return ExpertParallelOptimizer(dense, experts, expert_params=params, ep=self.ep_mesh.size())
 
     stacked: dict[str, tuple[int, Tensor, int]] | None = None
@@ -341,7 +356,7 @@ def merge_expert_shards(parts: list[ExpertShards]) -> ExpertShards | None:
         return None
     return ExpertShards(names=frozenset().union(*(p.names for p in parts)),
                         experts=[e for p in parts for e in p.experts], ep_mesh=parts[0].ep_mesh,
-                        edp_mesh=parts[0].edp_mesh, zero=parts[0].zero,
+                        edp_mesh=parts[0].edp_mesh, zero=parts[0].zero, mp_policy=parts[0].mp_policy,
                         stacked={k: v for p in parts for k, v in (p.stacked or {}).items()})
 
 
@@ -350,7 +365,8 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
     """Shard every MoE layer's experts over `ep` consecutive ranks of the data-parallel `mesh` (dp x cp);
     under zero 2-3, FSDP2-shard them over their replicas. Non-local experts are deleted (never allocated
     when the model is on meta). Call before recompute wrapping and DP (transforms/apply.py). `mp_policy`: the
-    FSDP2 mixed-precision policy of the whole model (transforms/precision.py), or None for fp32."""
+    mixed-precision policy of the whole model (transforms/precision.py; FSDP2's under zero 2-3, the experts'
+    `ShardedAdamW`'s under zero 0-1), or None for fp32."""
     replicas = mesh.size()
     layers = [u.moe for u in graph.units if u.moe is not None]
     _check(layers, ep, replicas, zero)
@@ -389,7 +405,8 @@ def apply_ep(model: nn.Module, *, mesh: DeviceMesh, graph: ModelGraph, ep: int, 
                         **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     owned = {id(p) for m in local for p in m.parameters()}
     names = frozenset(clean_fqn(n) for n, p in model.named_parameters() if id(p) in owned)
-    return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero, stacked=stacked)
+    return ExpertShards(names=names, experts=local, ep_mesh=ep_mesh, edp_mesh=edp_mesh, zero=zero,
+                        mp_policy=mp_policy, stacked=stacked)
 
 
 def _check_stacked_calls(model: nn.Module, layers: list[MoEInfo]) -> None:

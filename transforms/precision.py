@@ -30,8 +30,12 @@ Two mechanisms, one policy object (FSDP2's `MixedPrecisionPolicy(param_dtype, re
 fp32 under FSDP2 (`estimate.FSDP_REDUCE_BYTES = 4`). Checkpoints hold the fp32 master weights under either
 mechanism, so a checkpoint loads under any precision and layout (transforms/checkpoint.py).
 
-Not done: fp8 (torchao float8; needs a GPU) is refused; bf16 with expert parallelism under ZeRO 0-1 (the
-experts' own optimizer, transforms/ep.py, keeps fp32 weights) is refused.
+Expert parallelism takes the same two mechanisms for the experts: FSDP2's policy on each expert over its
+"edp" replicas under ZeRO 2-3; under ZeRO 0-1 the experts' own `ShardedAdamW` over "edp" (transforms/ep.py)
+casts them to bf16 and keeps their fp32 master, and their 1/ep gradient division applies to whichever buffer
+holds the gradients (`.grad`, or `main_grad` with `grad_reduce="fp32"`).
+
+Not done: fp8 (torchao float8; needs a GPU) is refused.
 """
 
 from __future__ import annotations
@@ -55,9 +59,6 @@ def check_precision(precision: str, layout: Layout, grad_reduce: str | None = No
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if grad_reduce is not None and grad_reduce not in GRAD_REDUCE:
         raise ValueError(f"grad_reduce must be fp32 or bf16, got {grad_reduce!r}")
-    if precision == "bf16" and layout.ep > 1 and layout.zero < 2:
-        raise ValueError(f"bf16 with expert parallelism runs under zero 2 or 3 (the experts' FSDP2); this layout "
-                         f"has ep={layout.ep}, zero={layout.zero}. Use zero=2 or 3, or fp32")
 
 
 def mixed_precision_policy(precision: str, *, zero: int = 3, grad_reduce: str | None = None

@@ -28,7 +28,7 @@ from autoshard.planner.capture.trace import capture
 from autoshard.synthetic import synthetic_batch
 from autoshard.transforms.apply import apply_layout
 from autoshard.transforms.dp import ShardedAdamW
-from autoshard.transforms.init import meta_parameters
+from autoshard.transforms.init import clean_fqn, meta_parameters
 
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 HF = Path(__file__).resolve().parents[2] / "tests" / "data" / "hf"
@@ -70,7 +70,8 @@ def run(index: int, job: dict) -> None:
         if dist.get_rank() == 0:
             print(json.dumps({"job": index, "step": step, "loss": loss}), flush=True)
             if probe is not None and step == start:
-                print(json.dumps({"job": index, "dtypes": probe | master(parallel)}), flush=True)
+                print(json.dumps({"job": index, "dtypes": probe | master(parallel),
+                                  "expert_grads": expert_grads(parallel.module)}), flush=True)
         if step + 1 == SAVE_AT and job.get("save") and not job.get("resume"):
             parallel.save(job["save"], step=SAVE_AT)
 
@@ -92,18 +93,34 @@ def dtypes(module: nn.Module) -> dict[str, str]:
 def master(parallel) -> dict[str, str]:
     """The dtypes of the weights the optimizer steps, of their AdamW moments, of the gradients (the buffer the
     reduction runs on) and the reduction: FSDP2's parameters and policy, or ShardedAdamW's fp32 master of the
-    bf16 parameters (all of them: "mixed" lists each dtype seen)."""
+    bf16 parameters (all of them, the experts' own optimizer's too under expert parallelism: "mixed" lists each
+    dtype seen)."""
     module, opt = parallel.module, parallel.optimizer
-    if isinstance(opt, ShardedAdamW):
-        masters = opt.masters or [opt.master]
-        grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in opt.params]
-        moments = [v for m in masters for k, v in opt.inner.state[m].items() if k != "step"]
-        return {"master": _one(masters), "moments": _one(moments), "grad": _one(grads),
-                "params": _one(opt.params), "reduce": str(opt.mp_policy.reduce_dtype)}
+    parts = [o for o in getattr(opt, "optimizers", (opt,)) if isinstance(o, ShardedAdamW) and o.working is not None]
+    if parts:
+        masters = [m for o in parts for m in o.masters or [o.master]]
+        params = [p for o in parts for p in o.params]
+        grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in params]
+        moments = [v for o in parts for m in o.masters or [o.master] for k, v in o.inner.state[m].items()
+                   if k != "step"]
+        reduce = sorted({str(o.mp_policy.reduce_dtype) for o in parts})
+        return {"master": _one(masters), "moments": _one(moments), "grad": _one(grads), "params": _one(params),
+                "reduce": reduce[0] if len(reduce) == 1 else f"mixed {reduce}"}
     p = next(module.parameters())
     state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
     return {"master": str(p.dtype), "grad": str(p.grad.dtype),
             "reduce": str(state._mp_policy.reduce_dtype) if state is not None else "none"}
+
+
+def expert_grads(module: nn.Module) -> dict[str, float]:
+    """The norm of each expert parameter's gradient this rank holds after the step (the buffer the reduction
+    ran on: averaged over the data-parallel ranks, and under expert parallelism divided by ep), by name."""
+    out = {}
+    for name, p in module.named_parameters():
+        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+        if ".experts." in name and g is not None:
+            out[clean_fqn(name)] = float((g.to_local() if isinstance(g, DTensor) else g).float().norm())
+    return out
 
 
 def _one(tensors: list) -> str:

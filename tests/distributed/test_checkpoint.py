@@ -24,7 +24,8 @@ TRAIN = Path(__file__).resolve().parents[2] / "examples" / "train.py"
 
 
 def run_jobs(jobs: list[dict], nproc: int, *, probes: bool = False) -> dict[int, dict]:
-    """Losses by job and step (and, with `probes`, the dtypes a bf16 job reported under "dtypes")."""
+    """Losses by job and step (and, with `probes`, the dtypes a bf16 job reported under "dtypes" and its
+    expert gradients' norms under "expert_grads")."""
     out = spawn([str(WORKER), json.dumps(jobs)], nproc)
     assert out.returncode == 0, out.stderr[-3000:]
     losses: dict[int, dict] = {}
@@ -33,7 +34,7 @@ def run_jobs(jobs: list[dict], nproc: int, *, probes: bool = False) -> dict[int,
             row = json.loads(line)
             if "dtypes" in row:
                 assert probes, row
-                losses.setdefault(row["job"], {})["dtypes"] = row["dtypes"]
+                losses.setdefault(row["job"], {}).update(dtypes=row["dtypes"], expert_grads=row["expert_grads"])
             else:
                 losses.setdefault(row["job"], {})[row["step"]] = row["loss"]
     return losses
