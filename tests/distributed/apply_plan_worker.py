@@ -5,11 +5,11 @@ meta parameters ("meta": each rank initialises its shards), train 5 steps on tra
 print the losses as JSON lines on rank 0: {"layout": ..., "weights": ..., "step": i, "loss": x}."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 import autoshard
 from autoshard.planner.capture.reference_model import build_reference_model
@@ -42,7 +42,4 @@ def train(layout: str, weights: str) -> None:
 dist.init_process_group("gloo")
 for layout, weights in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
     train(layout, weights)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+exit_cleanly()

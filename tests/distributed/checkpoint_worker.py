@@ -11,12 +11,12 @@ into its shards, saves them (step 0) and trains nothing. With "alone" rank 0 run
 the layout on 1 rank: a reference; it cannot save) while the others go on to the next job."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -132,7 +132,4 @@ def _one(tensors: list) -> str:
 dist.init_process_group("gloo")
 for i, job in enumerate(json.loads(sys.argv[1])):
     run(i, job)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+exit_cleanly()

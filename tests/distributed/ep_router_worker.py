@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train.py")
@@ -43,10 +42,7 @@ def main() -> None:
     counts = {name: router_calls(path) for name, path in MODELS.items()}
     if dist.get_rank() == 0:
         print(json.dumps(counts), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train.py")
@@ -91,10 +90,7 @@ def main() -> None:
                 print(json.dumps({"case": case, "refused": str(exc)}), flush=True)
             continue
         save(case, f"case-{i}.pt", result, start)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
+    exit_cleanly()
 
 
 if __name__ == "__main__":

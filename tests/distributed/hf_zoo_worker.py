@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.planner.capture.loading import load_model
@@ -110,10 +110,7 @@ def main() -> None:
             result |= {"arch": arch, "layout": layout, "reference": reference[0], "seconds": time.perf_counter() - start}
             if rank == 0:
                 print(json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ micro-batch saves: the micro-batches in flight, beside the cost model's `in_flig
 layout: {"layout": ..., "rows": [...]}."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 from torch.autograd.graph import saved_tensors_hooks
 
 from autoshard.cost_models.layout import complete, parse_layout
@@ -80,7 +80,4 @@ for text in sys.argv[1:]:
     rows = measure(text)
     if dist.get_rank() == 0:
         print(json.dumps({"layout": text, "rows": rows}), flush=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
+exit_cleanly()

@@ -54,3 +54,14 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> int:
     if not failed and not all(c == 0 for c in codes):
         return 124  # timed out
     return failed[0] if failed else 0
+
+
+def exit_cleanly() -> None:
+    """A worker's end: wait for every rank, tear the process group down, flush, and skip the interpreter's
+    teardown, which gloo's threads can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

@@ -4,12 +4,12 @@ gradients and optimizer state (local shards only) beside the cost model's predic
 (cost_models/memory.py, in fp32 terms): one JSON line per layout."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.cost_models.memory import model_states
@@ -63,7 +63,4 @@ for text in sys.argv[1:]:
     report = measure(text)
     if dist.get_rank() == 0:  # one writer: two ranks' lines can interleave on the shared stdout
         print(json.dumps(report), flush=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+exit_cleanly()
