@@ -211,7 +211,7 @@ def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, i
     No inner choice of the tuple is faster (recompute, ZeRO-3 and DP traffic only add time)."""
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
-    vpp = fixed.get("vpp") or max(v for v in VPP_CHOICES if (v == 1 or pp > 1) and pp * v <= len(graph.blocks))
+    vpp = fixed.get("vpp") or max(_framework_choices(graph, training, pp)[1])  # the most interleaving tried
     times = []
     for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))}:
         # the least bubble: zero-bubble where the framework runs it (a bound, whatever schedule is fixed)
