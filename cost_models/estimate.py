@@ -16,6 +16,7 @@ Which communication hides behind compute (COST_MODEL_NOTES.md, item 5):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,14 +54,25 @@ class Estimate:
     micro_batches: int
     peak_stage: int
     stage_times_s: list[float]
-    stage_memory_bytes: list[float] = field(default_factory=list)
-    """Peak bytes per GPU of each pipeline stage."""
+    stage_memories: list[memory.StageMemory] = field(default_factory=list)
+    """Peak bytes on one GPU of each pipeline stage, by kind."""
     time_breakdown: dict[str, float] = field(default_factory=dict)
     """Seconds per step: compute, recompute, bubble and each exposed communication."""
-    memory_breakdown: dict[str, float] = field(default_factory=dict)
-    """Bytes on the peak stage's GPU by kind."""
-    stage_memory_breakdown: list[dict[str, float]] = field(default_factory=list)
-    """Bytes on one GPU of each pipeline stage by kind (the report's stacked bars)."""
+
+    @property
+    def stage_memory_bytes(self) -> list[float]:
+        """Peak bytes per GPU of each pipeline stage."""
+        return [mem.total for mem in self.stage_memories]
+
+    @property
+    def memory_breakdown(self) -> dict[str, float]:
+        """Bytes on the peak stage's GPU by kind (the kinds it holds)."""
+        return {k: v for k, v in _mem_dict(self.stage_memories[self.peak_stage]).items() if v}
+
+    @property
+    def stage_memory_breakdown(self) -> list[dict[str, float]]:
+        """Bytes on one GPU of each pipeline stage by kind (the report's stacked bars)."""
+        return [_mem_dict(mem) for mem in self.stage_memories]
 
     @property
     def fits(self) -> bool:
@@ -91,12 +103,18 @@ class _Stage:
     chunks: int = 0
     recompute: dict[str, str] = field(default_factory=dict)
     """Unit FQN -> recompute mode."""
+    kinds: list[tuple[UnitWork, str, int]] = field(default_factory=list)
+    """(one unit of each kind, its recompute mode, how many the stage holds): what the stage costs."""
+    key: tuple = ()
+    """Stages with equal keys cost the same."""
+    params: tuple[int, int] = (0, 0)
+    """(dense, expert) parameters of its units, unsharded."""
 
 
 def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
              split: list[int] | None = None, recompute: dict[str, str] | None = None,
              work: list[UnitWork] | None = None, framework: Framework | None = None,
-             validate: bool = True) -> Estimate:
+             validate: bool = True, memo: dict | None = None) -> Estimate:
     """Predict one training step of `graph` (captured at training.seq_len) under `layout` on `profile`.
 
     `split`: blocks per model chunk (pp x vpp of them, chunk c on stage c mod pp); even when None.
@@ -104,41 +122,38 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     `work`: model_work(graph), when the caller prices many layouts of one model.
     `framework`: what runs it (default: the one training.framework names, with its stored coefficients).
     `validate=False` skips the framework rules (validity.py), for bounds the search prices on purpose.
+    `memo`: a dict kept across calls on one graph, work, training, profile and framework (the search's):
+    equal stages of different layouts are priced once.
     """
     if validate:
         check(graph, layout, training)
-    fw = with_cp_attention(framework or get_framework(training.framework), training.cp_attention)
+    memo = {} if memo is None else memo
+    fw, stages, degrees = _setup(graph, layout, training, split, recompute, work, framework, memo)
     m = training.global_batch // (layout.dp * layout.mbs)
     tokens = layout.mbs * training.seq_len
-    stages = assign_stages(work or model_work(graph), layout, split)
-    for stage in stages:
-        stage.recompute = {w.name: (recompute or {}).get(w.name, layout.recompute) for w in stage.units}
     groups = comm.layout_groups(layout)
-    # stages holding the same kinds of units in the same order and modes cost the same: price each once
-    keys = [(s.chunks, tuple((_cost_key(w), s.recompute[w.name]) for w in s.units)) for s in stages]
-    times: dict[tuple, dict[str, float]] = {}
-    for s, key in zip(stages, keys, strict=True):
-        if key not in times:
-            times[key] = _stage_time(s, layout, training, profile, groups, tokens, m, fw)
-    parts = [times[key] for key in keys]
+    zero3 = (layout.zero == 3, m if layout.zero == 3 else 0)  # ZeRO < 3 leaves stage times alone
+    parts = []
+    for s in stages:
+        key = ("time", s.key, degrees, zero3)
+        if key not in memo:
+            memo[key] = _stage_time(s, layout, training, profile, groups, tokens, m, fw)
+        parts.append(memo[key])
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp, layout.schedule)
     grad_bytes = training.grad_bytes(fw.grad_bytes)
-    distinct = {key: (s, part) for s, key, part in zip(stages, keys, parts, strict=True)}  # max over stages
-    dp_exposed, opt = _data_parallel([s for s, _ in distinct.values()], [p for _, p in distinct.values()],
-                                     layout, profile, groups, m, fw, grad_bytes)
+    dp_exposed, opt = 0.0, 0.0  # the slowest stage's
+    for s, part in {s.key: (s, part) for s, part in zip(stages, parts, strict=True)}.values():
+        key = ("dp", s.key, degrees, layout.zero, m)
+        if key not in memo:
+            memo[key] = _data_parallel(s, part, layout, profile, groups, m, fw, grad_bytes)
+        dp_exposed, opt = max(dp_exposed, memo[key][0]), max(opt, memo[key][1])
     step = pipe + dp_exposed + opt
-    held = [pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) for i in range(len(stages))]
-    memo: dict[tuple, memory.StageMemory] = {}
-    for i, (s, key) in enumerate(zip(stages, keys, strict=True)):
-        if (key, held[i]) not in memo:
-            memo[key, held[i]] = _stage_memory(s, i, layout, m, graph.vocab, tokens, training.attention, fw,
-                                               grad_bytes)
-    mems = [memo[key, held[i]] for i, key in enumerate(keys)]
+    mems = [_holding(base, held) for base, held in _memories(graph, layout, training, fw, stages, degrees, memo)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
-    recompute_flops = _recompute_flops(graph, stages) * training.tokens
+    recompute_flops = _recompute_flops(stages) * training.tokens
     peak_flops = profile.bf16_flops_per_s * gpus * step
     slowest = max(range(len(parts)), key=lambda i: stage_times[i])
     breakdown = {k: v * m for k, v in parts[slowest].items()}
@@ -154,11 +169,73 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
         peak_memory_bytes=mems[peak].total,
         memory_capacity_bytes=profile.hbm_bytes,
         micro_batches=m, peak_stage=peak, stage_times_s=stage_times,
-        stage_memory_bytes=[mem.total for mem in mems],
+        stage_memories=mems,
         time_breakdown=breakdown,
-        memory_breakdown={k: v for k, v in _mem_dict(mems[peak]).items() if v},
-        stage_memory_breakdown=[_mem_dict(mem) for mem in mems],
     )
+
+
+def peak_memory(graph: ModelGraph, layout: Layout, training: Training, *, work: list[UnitWork] | None = None,
+                memo: dict | None = None) -> float:
+    """estimate(...).peak_memory_bytes without pricing the time: what the search asks first, since most
+    layouts it tries do not fit. Arguments as estimate's (no validation)."""
+    memo = {} if memo is None else memo
+    fw, stages, degrees = _setup(graph, layout, training, None, None, work, None, memo)
+    return max(_with_reserve(base.total + held) for base, held in _memories(graph, layout, training, fw, stages,
+                                                                           degrees, memo))
+
+
+def _setup(graph: ModelGraph, layout: Layout, training: Training, split: list[int] | None,
+           recompute: dict[str, str] | None, work: list[UnitWork] | None, framework: Framework | None,
+           memo: dict) -> tuple[Framework, list[_Stage], tuple]:
+    """(the framework, the stages, what a stage's time, memory and DP traffic depend on besides its units:
+    the degrees and the micro-batch)."""
+    fw = memo.get("framework") or with_cp_attention(framework or get_framework(training.framework),
+                                                    training.cp_attention)
+    memo["framework"] = fw
+    memo["work"] = work = work or memo.get("work") or model_work(graph)
+    stages = _stages(work, layout, split, recompute, memo)
+    return fw, stages, (layout.tp, layout.cp, layout.pp, layout.dp, layout.ep, layout.mbs, layout.sp, layout.async_tp)
+
+
+def _memories(graph: ModelGraph, layout: Layout, training: Training, fw: Framework, stages: list[_Stage],
+              degrees: tuple, memo: dict) -> list[tuple[memory.StageMemory, float]]:
+    """Each stage's (bytes on one GPU but the activations of the micro-batches in flight and the
+    allocator's reserve, those activations)."""
+    m = training.global_batch // (layout.dp * layout.mbs)
+    grad_bytes = training.grad_bytes(fw.grad_bytes)
+    out = []
+    for i, s in enumerate(stages):
+        key = ("memory", s.key, degrees, layout.zero)
+        if key not in memo:
+            memo[key] = _stage_memory(s, layout, graph.vocab, layout.mbs * training.seq_len, training.attention,
+                                      fw, grad_bytes)
+        base, per_mb = memo[key]
+        out.append((base, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * per_mb))
+    return out
+
+
+def _stages(work: list[UnitWork], layout: Layout, split: list[int] | None, recompute: dict[str, str] | None,
+            memo: dict) -> list[_Stage]:
+    """assign_stages with each unit's recompute mode and the stage's kinds (kept in `memo` when the
+    recompute is the layout's own)."""
+    key = ("stages", layout.pp, layout.vpp, layout.schedule, layout.recompute, tuple(split or ()))
+    if recompute is None and key in memo:
+        return memo[key]
+    stages = assign_stages(work, layout, split)
+    for stage in stages:
+        stage.recompute = {w.name: (recompute or {}).get(w.name, layout.recompute) for w in stage.units}
+        kinds: dict[tuple, list] = {}
+        for w in stage.units:
+            mode = stage.recompute[w.name]
+            kind = kinds.setdefault((_cost_key(w), mode), [w, mode, 0])
+            kind[2] += 1
+        stage.kinds = [(w, mode, n) for w, mode, n in kinds.values()]
+        stage.key = (stage.chunks, tuple((k, v[2]) for k, v in kinds.items()))
+        stage.params = (sum(n * w.dense_params for w, _, n in stage.kinds),
+                        sum(n * w.expert_params for w, _, n in stage.kinds))
+    if recompute is None:
+        memo[key] = stages
+    return stages
 
 
 def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None = None) -> list[_Stage]:
@@ -190,16 +267,12 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     """Seconds one micro-batch spends on this stage, by kind."""
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
     hidden = _hidden(stage)
-    priced: dict[tuple, dict[str, float]] = {}  # identical blocks cost the same: price each kind once
-    for w in stage.units:
-        key = (_cost_key(w), stage.recompute[w.name])
-        if key not in priced:
-            priced[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
-                                    tokens=tokens, hidden=hidden, recompute=stage.recompute[w.name],
-                                    kernel_efficiency=fw.kernel_efficiency, cp_comm=fw.cp_comm,
-                                    tp_overlap=fw.tp_bwd_overlap)
-        for kind, value in priced[key].items():
-            out[kind] += value
+    for w, mode, n in stage.kinds:  # identical blocks cost the same: each kind is priced once
+        priced = unit_time(w, layout=layout, training=training, profile=profile, groups=groups, tokens=tokens,
+                           hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
+                           cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap)
+        for kind, value in priced.items():
+            out[kind] += n * value
     if layout.pp > 1:
         boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
         out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
@@ -274,7 +347,7 @@ def _cp_exposed(w: UnitWork, tokens: float, tp: int, cp: int, cp_comm: str, attn
 
 def _hidden(stage: _Stage) -> int:
     """Hidden size from a block's input bytes (16-bit activations)."""
-    return int(max((w.input_bytes for w in stage.units), default=0) // ACT_BYTES)
+    return int(max((w.input_bytes for w, _, _ in stage.kinds), default=0) // ACT_BYTES)
 
 
 def _tp_comm(w: UnitWork, hidden_bytes: float, layout: Layout, profile: Profile, group: comm.Group,
@@ -303,9 +376,8 @@ def _tp_comm(w: UnitWork, hidden_bytes: float, layout: Layout, profile: Profile,
 
 def _stage_params(stage: _Stage, layout: Layout) -> tuple[float, float]:
     """(dense, expert) parameters on one GPU of this stage."""
-    dense = sum(w.dense_params for w in stage.units) / layout.tp
-    expert = sum(w.expert_params for w in stage.units) / (layout.tp * layout.ep)
-    return dense, expert
+    dense, expert = stage.params
+    return dense / layout.tp, expert / (layout.tp * layout.ep)
 
 
 def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
@@ -314,13 +386,7 @@ def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict
     fp32 gradients (ZeRO paper Sec. 7.2.2: 1.5x the DP volume). One gather per block (FSDP2) or per linear
     (DeepSpeed), each paying its own ring latency: at DP in the hundreds the rings are latency-bound. Up to
     `zero3_overlap` of the compute hides them (prefetch)."""
-    t = 0.0
-    priced: dict[tuple, float] = {}  # identical blocks move the same bytes
-    for w in stage.units:
-        key = _cost_key(w)
-        if key not in priced:
-            priced[key] = _zero3_unit(w, layout, profile, groups, fw)
-        t += priced[key]
+    t = sum(n * _zero3_unit(w, layout, profile, groups, fw) for w, _, n in stage.kinds)
     hidden = min(t, fw.zero3_overlap * compute)
     return t - hidden + (profile.overlap_slowdown - 1) * hidden
 
@@ -339,61 +405,57 @@ def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str,
     return t
 
 
-def _data_parallel(stages: list[_Stage], parts: list[dict[str, float]], layout: Layout, profile: Profile,
+def _data_parallel(stage: _Stage, part: dict[str, float], layout: Layout, profile: Profile,
                    groups: dict[str, comm.Group], m: int, fw: Framework, grad_bytes: float) -> tuple[float, float]:
-    """(exposed DP communication, optimizer step) in seconds, the slowest stage's."""
-    exposed, opt = 0.0, 0.0
-    for stage, part in zip(stages, parts, strict=True):
-        dense, expert = _stage_params(stage, layout)
-        shards = [(dense, groups["dp_cp"]), (expert, groups["edp"])]
-        t_grad = t_gather = 0.0
-        if layout.zero < 3:
-            for params, group in shards:
-                # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
-                nbytes = params * grad_bytes
-                buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
-                if layout.zero == 0:
-                    t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
-                else:
-                    t_grad += buckets * comm.reduce_scatter(nbytes / buckets, group, profile)
-                    t_gather += buckets * comm.all_gather(params * memory.WEIGHT_BYTES / buckets, group, profile)
-        # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
-        # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather).
-        # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
-        last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
-        reductions = m if layout.zero == 2 else 1
-        slow = profile.overlap_slowdown - 1  # the compute a collective hides behind runs this much slower
-        grad_exposed = reductions * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
-        gather_exposed = max(0.0, t_gather - first_forward) + slow * min(t_gather, first_forward)
-        exposed = max(exposed, grad_exposed + gather_exposed)
-        sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
-        opt = max(opt, optimizer_time(sharded, profile))
-    return exposed, opt
+    """(exposed DP communication, optimizer step) in seconds of one stage."""
+    dense, expert = _stage_params(stage, layout)
+    shards = [(dense, groups["dp_cp"]), (expert, groups["edp"])]
+    t_grad = t_gather = 0.0
+    if layout.zero < 3:
+        for params, group in shards:
+            # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
+            nbytes = params * grad_bytes
+            buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
+            if layout.zero == 0:
+                t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
+            else:
+                t_grad += buckets * comm.reduce_scatter(nbytes / buckets, group, profile)
+                t_gather += buckets * comm.all_gather(params * memory.WEIGHT_BYTES / buckets, group, profile)
+    # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
+    # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather).
+    # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
+    last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
+    reductions = m if layout.zero == 2 else 1
+    slow = profile.overlap_slowdown - 1  # the compute a collective hides behind runs this much slower
+    grad_exposed = reductions * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
+    gather_exposed = max(0.0, t_gather - first_forward) + slow * min(t_gather, first_forward)
+    sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
+    return grad_exposed + gather_exposed, optimizer_time(sharded, profile)
 
 
-def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int, tokens: float,
-                  attention: str, fw: Framework, grad_bytes: float) -> memory.StageMemory:
+def _stage_memory(stage: _Stage, layout: Layout, vocab: int, tokens: float, attention: str, fw: Framework,
+                  grad_bytes: float) -> tuple[memory.StageMemory, float]:
+    """(peak bytes on one GPU of a stage but the micro-batches' activations it holds and the allocator's
+    reserve, the activations of one micro-batch): _holding adds those."""
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
         w, g, o = memory.model_states(params, zero=layout.zero, shards=shards, grad_bytes=grad_bytes)
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
-    held = pipeline.in_flight(index, layout.pp, m, layout.vpp, layout.schedule)
     kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
-    per_mb = sum(memory.block_activations(w, recompute=stage.recompute[w.name], selective=fw.selective, **kw)
-                 for w in stage.units)
+    per_mb = sum(n * memory.block_activations(w, recompute=mode, selective=fw.selective, **kw)
+                 for w, mode, n in stage.kinds)
     if layout.cp > 1 and fw.cp_comm != "ring":
         # all-gather CP keeps every block's gathered keys/values (beyond its own chunk) for the backward
-        per_mb += sum(w.kv_bytes for w in stage.units if stage.recompute[w.name] != "full") * tokens / layout.tp \
+        per_mb += sum(n * w.kv_bytes for w, mode, n in stage.kinds if mode != "full") * tokens / layout.tp \
             * (1 - 1 / layout.cp)
-    mem.activations = held * per_mb
-    full = [w for w in stage.units if stage.recompute[w.name] == "full" and w.kind == "block"]
+    full = [w for w, mode, _ in stage.kinds if mode == "full" and w.kind == "block"]
     if full:
         mem.activations += max(memory.working_activations(w, **kw) for w in full)
-    if any(w.kind == "head" for w in stage.units):
+    if any(w.kind == "head" for w, _, _ in stage.kinds):
         mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp, logit_bytes=fw.logit_bytes)
     if layout.zero == 3:
-        biggest = max((w.dense_params + w.expert_params / layout.ep for w in stage.units), default=0) / layout.tp
+        biggest = max((w.dense_params + w.expert_params / layout.ep for w, _, _ in stage.kinds), default=0) / layout.tp
         # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads
         mem.buffers = biggest * (2 * memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
         if layout.pp > 1:
@@ -401,10 +463,19 @@ def _stage_memory(stage: _Stage, index: int, layout: Layout, m: int, vocab: int,
             # unsharded fp32 gradients until the last one (torchtitan: reshard_after_forward=False under PP;
             # PipelineStage turns gradient sync off but for the last micro-batch; FSDP2 accumulates
             # unsynced gradients in reduce_dtype)
-            dense, expert = _stage_params(stage, layout)
             mem.buffers += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
-    mem.reserve = memory.ALLOCATOR_RESERVE * mem.total
-    return mem
+    return mem, per_mb
+
+
+def _holding(mem: memory.StageMemory, held: float) -> memory.StageMemory:
+    """The stage's peak with `held` bytes of in-flight activations added, and the allocator's reserve."""
+    out = dataclasses.replace(mem, activations=mem.activations + held)
+    out.reserve = memory.ALLOCATOR_RESERVE * out.total
+    return out
+
+
+def _with_reserve(total: float) -> float:
+    return total + memory.ALLOCATOR_RESERVE * total
 
 
 def _mem_dict(mem: memory.StageMemory) -> dict[str, float]:
@@ -412,13 +483,17 @@ def _mem_dict(mem: memory.StageMemory) -> dict[str, float]:
             "activations": mem.activations, "logits": mem.logits, "buffers": mem.buffers, "reserve": mem.reserve}
 
 
-def _recompute_flops(graph: ModelGraph, stages: list[_Stage]) -> float:
-    """Recomputed forward FLOPs per token."""
-    modes = {name: mode for stage in stages for name, mode in stage.recompute.items()}
+def _recompute_flops(stages: list[_Stage]) -> float:
+    """Recomputed forward FLOPs per token: a block's whole forward under full recompute, its attention core
+    under selective (as captured: unit_work halves the core for the causal kernel and scales the experts by
+    their load, undone here)."""
     total = 0.0
-    for b in graph.blocks:
-        if modes.get(b.name) == "full":
-            total += b.fwd_flops
-        elif modes.get(b.name) == "selective" and b.attention:
-            total += b.attention.core_fwd_flops
-    return total / graph.tokens
+    for stage in stages:
+        for w, mode, n in stage.kinds:
+            if w.kind != "block":
+                continue
+            if mode == "full":
+                total += n * (w.gemm_flops + 2 * w.attn_flops + w.expert_flops / w.moe_load)
+            elif mode == "selective":
+                total += n * 2 * w.attn_flops
+    return total

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoshard.cost_models import communication as comm
-from autoshard.cost_models.estimate import Estimate, estimate
+from autoshard.cost_models.estimate import Estimate, estimate, peak_memory
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
 from autoshard.cost_models.pipeline import fill_drain
@@ -75,6 +75,7 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     start = time.perf_counter()
     fixed = dict(fixed or {})
     work = model_work(graph)
+    memo: dict = {"work": work}  # estimate's: equal stages of different layouts are priced once
     tuples = degree_tuples(graph, gpus, training, profile, fixed)
     result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
     bound = _bound_fn(graph, training, profile, gpus)
@@ -83,10 +84,10 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     pruned: list[tuple[int, int, int, int, int]] = []
     shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
     for degrees in sorted(tuples, key=bound):
-        if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed) > best_time:
+        if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed, memo) > best_time:
             pruned.append(degrees)
             continue
-        for cand in _inner(graph, work, degrees, training, profile, fixed, result, _last_shown(shown)):
+        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)):
             found.append(cand)
             if cand.estimate.fits:
                 best_time = min(best_time, cand.estimate.step_time_s)
@@ -95,10 +96,10 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     for degrees in pruned[:ALTERNATIVE_TUPLES]:
         if len(_distinct([c for c in found if c.estimate.fits])) > ALTERNATIVE_TUPLES:
             break
-        found.extend(_inner(graph, work, degrees, training, profile, fixed, result, _last_shown(shown)))
+        found.extend(_inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)))
     result.pruned = len(pruned)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
-    _refine(graph, work, fits, training, profile, result, fixed)
+    _refine(graph, work, fits, training, profile, result, fixed, memo)
     fits = sorted(fits, key=_rank_key)
     result.ranked = _distinct(fits)
     result.best = result.ranked[0] if result.ranked else None
@@ -205,7 +206,7 @@ def _bound_fn(graph: ModelGraph, training: Training, profile: Profile, gpus: int
 
 
 def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
-                  training: Training, profile: Profile, fixed: dict[str, Any]) -> float:
+                  training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
     """The tuple priced at its most favourable inner choices, ignoring memory: no recompute, the most
     interleaving, the smallest and largest micro-batch, and data-parallel traffic and optimizer for free.
     No inner choice of the tuple is faster (recompute, ZeRO-3 and DP traffic only add time)."""
@@ -218,7 +219,7 @@ def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, i
         schedule = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
         layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1, recompute="none",
                         schedule=schedule if vpp > 1 or pp > 1 else "1f1b")
-        est = estimate(graph, layout, training, profile, work=work, validate=False)  # a bound, valid or not
+        est = estimate(graph, layout, training, profile, work=work, validate=False, memo=memo)  # valid or not
         times.append(est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"])
     return min(times)
 
@@ -228,7 +229,7 @@ def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
 
 
 def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int], training: Training,
-           profile: Profile, fixed: dict[str, Any], result: SearchResult,
+           profile: Profile, fixed: dict[str, Any], result: SearchResult, memo: dict,
            last_shown: float = math.inf) -> list[Candidate]:
     """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits.
 
@@ -250,14 +251,18 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
                               recompute=r, **base)
                        for z in _choices("zero", zeros, fixed)
                        for r in _choices("recompute", list(RECOMPUTE), fixed)]
-            errors = [layout_errors(graph, lay, training) for lay in layouts]
+            by_zero: dict[int, list[str]] = {}  # no rule looks at the recompute: one check per ZeRO stage
+            for lay in layouts:
+                if lay.zero not in by_zero:
+                    by_zero[lay.zero] = layout_errors(graph, lay, training)
+            errors = [by_zero[lay.zero] for lay in layouts]
             result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
             if layouts := [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]:
                 combos.append(layouts)
         for i, layouts in enumerate(combos):
             # whether the last one fits decides the next micro-batch: it is priced until that is known
             bar = min(fastest, last_shown) if fastest < math.inf else math.inf
-            cand = _first_fit(graph, work, layouts, training, profile, result, bar, i == len(combos) - 1)
+            cand = _first_fit(graph, work, layouts, training, profile, result, memo, bar, i == len(combos) - 1)
             if cand is not None:
                 out.append(cand)
                 if cand.estimate.fits:
@@ -293,18 +298,19 @@ def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> 
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,
-               profile: Profile, result: SearchResult, fastest: float = math.inf,
+               profile: Profile, result: SearchResult, memo: dict, fastest: float = math.inf,
                need_fit: bool = True) -> Candidate | None:
     """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
     those. When none fits, the layout closest to fitting (kept for the no-fit report).
 
-    A layout is skipped when it cannot rank ahead of `fastest` (the tuple's fastest so far) or of the one
-    that fits: ZeRO stages below 3 share their stage times, ZeRO-3 and recompute only add to them, so the
-    pipeline time (the step less the DP traffic and optimizer, which depend on both) of a ZeRO < 3 layout
-    priced at the same or a lighter recompute is a floor for it. With `need_fit`, the caller needs to know
-    whether any fits: then only once one has. The tuple's best candidate stays the same."""
+    Memory is asked first (peak_memory): a layout that does not fit is not priced further. A layout is
+    skipped when it cannot rank ahead of `fastest` (the tuple's fastest so far) or of the one that fits:
+    ZeRO stages below 3 share their stage times, ZeRO-3 and recompute only add to them, so the pipeline
+    time (the step less the DP traffic and optimizer, which depend on both) of a ZeRO < 3 layout priced at
+    the same or a lighter recompute is a floor for it. With `need_fit`, the caller needs to know whether
+    any fits: then only once one has. The tuple's best candidate stays the same."""
     best: Candidate | None = None
-    closest: Candidate | None = None
+    closest: tuple[float, Layout] | None = None  # (peak bytes, layout) of the one missing by the least
     done: set[int] = set()
     floors: dict[str, float] = {}  # recompute mode -> pipeline time of a ZeRO < 3 layout with it
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
@@ -315,23 +321,31 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
             floor = max((t for r, t in floors.items() if RECOMPUTE.index(r) <= heavy), default=0.0)
             if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
                 continue
-        est = estimate(graph, layout, training, profile, work=work, validate=False)  # _inner validated it
         result.priced += 1
+        peak = peak_memory(graph, layout, training, work=work, memo=memo)
+        if peak > profile.hbm_bytes:
+            if closest is None or peak < closest[0]:
+                closest = (peak, layout)
+            continue
+        est = estimate(graph, layout, training, profile, work=work, validate=False, memo=memo)  # _inner validated it
+        if not est.fits:  # at the limit, to the last bit
+            closest = (peak, layout)
+            continue
         if layout.zero < 3:
             floors[layout.recompute] = (est.step_time_s - est.time_breakdown["dp_exposed"]
                                         - est.time_breakdown["optimizer"])
-        cand = Candidate(layout=layout, estimate=est)
-        if est.fits:
-            done.add(layout.zero)
-            if best is None or est.step_time_s < best.estimate.step_time_s:
-                best = cand
-        elif closest is None or est.peak_memory_bytes < closest.estimate.peak_memory_bytes:
-            closest = cand
-    return best or closest
+        done.add(layout.zero)
+        if best is None or est.step_time_s < best.estimate.step_time_s:
+            best = Candidate(layout=layout, estimate=est)
+    if best is None and closest is not None:
+        layout = closest[1]
+        return Candidate(layout=layout, estimate=estimate(graph, layout, training, profile, work=work,
+                                                          validate=False, memo=memo))
+    return best
 
 
 def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], training: Training,
-            profile: Profile, result: SearchResult, fixed: dict[str, Any]) -> None:
+            profile: Profile, result: SearchResult, fixed: dict[str, Any], memo: dict) -> None:
     """Re-solve the best few distinct layouts with the ILP (and the heavier-recompute ones, whose uniform
     recompute the ILP can relax block by block)."""
     for i, cand in enumerate(_distinct(fits)[:ILP_CANDIDATES]):
@@ -353,7 +367,7 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
             continue
         layout = dataclasses.replace(cand.layout, recompute=_dominant(assignment.recompute))
         est = estimate(graph, layout, training, profile, split=assignment.split, recompute=assignment.recompute,
-                       work=work)
+                       work=work, memo=memo)
         if est.fits and est.step_time_s < cand.estimate.step_time_s:
             cand.layout, cand.estimate = layout, est
             cand.split, cand.recompute = assignment.split, assignment.recompute
