@@ -130,15 +130,8 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     memo = {} if memo is None else memo
     fw, stages, degrees = _setup(graph, layout, training, split, recompute, work, framework, memo)
     m = training.global_batch // (layout.dp * layout.mbs)
-    tokens = layout.mbs * training.seq_len
     groups = comm.layout_groups(layout)
-    zero3 = (layout.zero == 3, m if layout.zero == 3 else 0)  # ZeRO < 3 leaves stage times alone
-    parts = []
-    for s in stages:
-        key = ("time", s.key, degrees, zero3)
-        if key not in memo:
-            memo[key] = _stage_time(s, layout, training, profile, groups, tokens, m, fw)
-        parts.append(memo[key])
+    parts = _parts(layout, training, profile, fw, stages, degrees, memo)
     stage_times = [sum(p.values()) for p in parts]
     pipe = pipeline.step_time(stage_times, m, layout.vpp, layout.schedule)
     grad_bytes = training.grad_bytes(fw.grad_bytes)
@@ -149,7 +142,8 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
             memo[key] = _data_parallel(s, part, layout, profile, groups, m, fw, grad_bytes)
         dp_exposed, opt = max(dp_exposed, memo[key][0]), max(opt, memo[key][1])
     step = pipe + dp_exposed + opt
-    mems = [_holding(base, held) for base, held in _memories(graph, layout, training, fw, stages, degrees, memo)]
+    mems = [_holding(states, working, logits, held)
+            for states, (working, logits, _), held in _memories(graph, layout, training, fw, stages, memo)]
     peak = max(range(len(mems)), key=lambda i: mems[i].total)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
@@ -180,8 +174,34 @@ def peak_memory(graph: ModelGraph, layout: Layout, training: Training, *, work: 
     layouts it tries do not fit. Arguments as estimate's (no validation)."""
     memo = {} if memo is None else memo
     fw, stages, degrees = _setup(graph, layout, training, None, None, work, None, memo)
-    return max(_with_reserve(base.total + held) for base, held in _memories(graph, layout, training, fw, stages,
-                                                                           degrees, memo))
+    return max(_with_reserve(states.total + working + logits + held)
+               for states, (working, logits, _), held in _memories(graph, layout, training, fw, stages, memo))
+
+
+def pipeline_time(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
+                  work: list[UnitWork] | None = None, memo: dict | None = None) -> float:
+    """estimate(...)'s step time less its data-parallel traffic and optimizer step: a lower bound on it that
+    ZeRO stages 0-2 share, for the search to prune with. Arguments as estimate's (no validation)."""
+    memo = {} if memo is None else memo
+    fw, stages, degrees = _setup(graph, layout, training, None, None, work, None, memo)
+    stage_times = [sum(p.values()) for p in _parts(layout, training, profile, fw, stages, degrees, memo)]
+    return pipeline.step_time(stage_times, training.global_batch // (layout.dp * layout.mbs), layout.vpp,
+                              layout.schedule)
+
+
+def _parts(layout: Layout, training: Training, profile: Profile, fw: Framework, stages: list[_Stage],
+           degrees: tuple, memo: dict) -> list[dict[str, float]]:
+    """Seconds one micro-batch spends on each stage, by kind (_stage_time)."""
+    m = training.global_batch // (layout.dp * layout.mbs)
+    zero3 = (layout.zero == 3, m if layout.zero == 3 else 0)  # ZeRO < 3 leaves stage times alone
+    parts = []
+    for s in stages:
+        key = ("time", s.key, degrees, zero3)
+        if key not in memo:
+            memo[key] = _stage_time(s, layout, training, profile, comm.layout_groups(layout),
+                                    layout.mbs * training.seq_len, m, fw)
+        parts.append(memo[key])
+    return parts
 
 
 def _setup(graph: ModelGraph, layout: Layout, training: Training, split: list[int] | None,
@@ -198,19 +218,28 @@ def _setup(graph: ModelGraph, layout: Layout, training: Training, split: list[in
 
 
 def _memories(graph: ModelGraph, layout: Layout, training: Training, fw: Framework, stages: list[_Stage],
-              degrees: tuple, memo: dict) -> list[tuple[memory.StageMemory, float]]:
-    """Each stage's (bytes on one GPU but the activations of the micro-batches in flight and the
-    allocator's reserve, those activations)."""
+              memo: dict) -> list[tuple[memory.StageMemory, tuple[float, float, float], float]]:
+    """Each stage's (model states and buffers: _stage_states, activations: _stage_activations, bytes of the
+    micro-batches it holds in flight), the first two kept in `memo` (ZeRO stages share the activations,
+    recompute modes the states)."""
     m = training.global_batch // (layout.dp * layout.mbs)
-    grad_bytes = training.grad_bytes(fw.grad_bytes)
     out = []
+    kept: dict[tuple, tuple] = {}  # stage key -> (states, activations): middle stages are often alike
     for i, s in enumerate(stages):
-        key = ("memory", s.key, degrees, layout.zero)
-        if key not in memo:
-            memo[key] = _stage_memory(s, layout, graph.vocab, layout.mbs * training.seq_len, training.attention,
-                                      fw, grad_bytes)
-        base, per_mb = memo[key]
-        out.append((base, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * per_mb))
+        if s.key in kept:
+            states, acts = kept[s.key]
+            out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
+            continue
+        states_key = ("states", s.key if layout.zero == 3 else s.params, layout.tp, layout.cp, layout.dp, layout.ep,
+                      layout.pp > 1, layout.zero)
+        if states_key not in memo:
+            memo[states_key] = _stage_states(s, layout, training.grad_bytes(fw.grad_bytes))
+        acts_key = ("activations", s.key, layout.tp, layout.cp, layout.sp, layout.mbs)
+        if acts_key not in memo:
+            memo[acts_key] = _stage_activations(s, layout, graph.vocab, layout.mbs * training.seq_len,
+                                                training.attention, fw)
+        states, acts = kept[s.key] = memo[states_key], memo[acts_key]
+        out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
     return out
 
 
@@ -433,27 +462,13 @@ def _data_parallel(stage: _Stage, part: dict[str, float], layout: Layout, profil
     return grad_exposed + gather_exposed, optimizer_time(sharded, profile)
 
 
-def _stage_memory(stage: _Stage, layout: Layout, vocab: int, tokens: float, attention: str, fw: Framework,
-                  grad_bytes: float) -> tuple[memory.StageMemory, float]:
-    """(peak bytes on one GPU of a stage but the micro-batches' activations it holds and the allocator's
-    reserve, the activations of one micro-batch): _holding adds those."""
+def _stage_states(stage: _Stage, layout: Layout, grad_bytes: float) -> memory.StageMemory:
+    """Weights, gradients, optimizer state and ZeRO-3's buffers on one GPU of a stage."""
     mem = memory.StageMemory()
     dense, expert = _stage_params(stage, layout)
     for params, shards in ((dense, layout.dp * layout.cp), (expert, layout.dp * layout.cp // layout.ep)):
         w, g, o = memory.model_states(params, zero=layout.zero, shards=shards, grad_bytes=grad_bytes)
         mem.weights, mem.gradients, mem.optimizer = mem.weights + w, mem.gradients + g, mem.optimizer + o
-    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
-    per_mb = sum(n * memory.block_activations(w, recompute=mode, selective=fw.selective, **kw)
-                 for w, mode, n in stage.kinds)
-    if layout.cp > 1 and fw.cp_comm != "ring":
-        # all-gather CP keeps every block's gathered keys/values (beyond its own chunk) for the backward
-        per_mb += sum(n * w.kv_bytes for w, mode, n in stage.kinds if mode != "full") * tokens / layout.tp \
-            * (1 - 1 / layout.cp)
-    full = [w for w, mode, _ in stage.kinds if mode == "full" and w.kind == "block"]
-    if full:
-        mem.activations += max(memory.working_activations(w, **kw) for w in full)
-    if any(w.kind == "head" for w, _, _ in stage.kinds):
-        mem.logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp, logit_bytes=fw.logit_bytes)
     if layout.zero == 3:
         biggest = max((w.dense_params + w.expert_params / layout.ep for w, _, _ in stage.kinds), default=0) / layout.tp
         # the gathered 16-bit weights of the running and the prefetched block, and one block's fp32 grads
@@ -464,12 +479,31 @@ def _stage_memory(stage: _Stage, layout: Layout, vocab: int, tokens: float, atte
             # PipelineStage turns gradient sync off but for the last micro-batch; FSDP2 accumulates
             # unsynced gradients in reduce_dtype)
             mem.buffers += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
-    return mem, per_mb
+    return mem
 
 
-def _holding(mem: memory.StageMemory, held: float) -> memory.StageMemory:
-    """The stage's peak with `held` bytes of in-flight activations added, and the allocator's reserve."""
-    out = dataclasses.replace(mem, activations=mem.activations + held)
+def _stage_activations(stage: _Stage, layout: Layout, vocab: int, tokens: float, attention: str,
+                       fw: Framework) -> tuple[float, float, float]:
+    """(activations held whatever the micro-batches in flight: full recompute's working block, the logits,
+    the activations one micro-batch leaves saved) on one GPU of a stage."""
+    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
+    per_mb = sum(n * memory.block_activations(w, recompute=mode, selective=fw.selective, **kw)
+                 for w, mode, n in stage.kinds)
+    if layout.cp > 1 and fw.cp_comm != "ring":
+        # all-gather CP keeps every block's gathered keys/values (beyond its own chunk) for the backward
+        per_mb += sum(n * w.kv_bytes for w, mode, n in stage.kinds if mode != "full") * tokens / layout.tp \
+            * (1 - 1 / layout.cp)
+    full = [w for w, mode, _ in stage.kinds if mode == "full" and w.kind == "block"]
+    working = max((memory.working_activations(w, **kw) for w in full), default=0.0)
+    logits = 0.0
+    if any(w.kind == "head" for w, _, _ in stage.kinds):
+        logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp, logit_bytes=fw.logit_bytes)
+    return working, logits, per_mb
+
+
+def _holding(states: memory.StageMemory, working: float, logits: float, held: float) -> memory.StageMemory:
+    """A stage's peak: its states, its activations with `held` bytes in flight, and the allocator's reserve."""
+    out = dataclasses.replace(states, activations=working + held, logits=logits)
     out.reserve = memory.ALLOCATOR_RESERVE * out.total
     return out
 

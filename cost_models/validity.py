@@ -53,7 +53,7 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     if training.global_batch % (layout.dp * layout.mbs):
         out.append(f"whole micro-batches: the global batch {training.global_batch} must be a multiple of "
                    f"dp({layout.dp}) x mbs({layout.mbs}) = {layout.dp * layout.mbs}")
-    blocks = len(graph.blocks)
+    blocks = sum(u.kind == "block" for u in graph.units)
     if layout.pp * layout.vpp > blocks:
         out.append(f"one block per model chunk: pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} "
                    f"chunks exceed the {blocks} blocks")
@@ -65,7 +65,7 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     m = training.global_batch // (layout.dp * layout.mbs)
     out += schedule_errors(layout, training.framework, m)
     out += framework_errors(layout, training.framework)
-    moe = next((b.moe for b in graph.blocks if b.moe), None)
+    moe = next((u.moe for u in graph.units if u.kind == "block" and u.moe), None) if layout.ep > 1 else None
     if layout.ep > 1 and (moe is None or moe.num_experts % layout.ep):
         have = f"{moe.num_experts} experts" if moe else "no experts"
         out.append(f"whole experts per rank: ep({layout.ep}) must divide the number of experts; the model has {have}")
@@ -116,7 +116,7 @@ def schedule_errors(layout: Layout, framework: str, m: int | None = None) -> lis
 
 def tp_errors(graph: ModelGraph, tp: int) -> list[str]:
     """TP splits whole heads: tp divides the query heads; kv heads divide tp or tp divides them."""
-    attn = next((b.attention for b in graph.blocks if b.attention), None)
+    attn = next((u.attention for u in graph.units if u.kind == "block" and u.attention), None)
     if attn is None or tp == 1:
         return []
     out = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoshard.cost_models import communication as comm
-from autoshard.cost_models.estimate import Estimate, estimate, peak_memory
+from autoshard.cost_models.estimate import Estimate, estimate, peak_memory, pipeline_time
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
 from autoshard.cost_models.pipeline import fill_drain
@@ -213,15 +213,12 @@ def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, i
     tp, cp, pp, dp, ep = degrees
     per_dp = training.global_batch // dp
     vpp = fixed.get("vpp") or max(_framework_choices(graph, training, pp)[1])  # the most interleaving tried
-    times = []
-    for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))}:
-        # the least bubble: zero-bubble where the framework runs it (a bound, whatever schedule is fixed)
-        schedule = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
-        layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1, recompute="none",
-                        schedule=schedule if vpp > 1 or pp > 1 else "1f1b")
-        est = estimate(graph, layout, training, profile, work=work, validate=False, memo=memo)  # valid or not
-        times.append(est.step_time_s - est.time_breakdown["dp_exposed"] - est.time_breakdown["optimizer"])
-    return min(times)
+    # the least bubble: zero-bubble where the framework runs it (a bound, whatever schedule is fixed)
+    schedule = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
+    return min(pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1,
+                                           recompute="none", schedule=schedule if vpp > 1 or pp > 1 else "1f1b"),
+                             training, profile, work=work, memo=memo)  # a bound, valid or not
+               for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))})
 
 
 def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
@@ -303,14 +300,16 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
     """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
     those. When none fits, the layout closest to fitting (kept for the no-fit report).
 
-    Memory is asked first (peak_memory): a layout that does not fit is not priced further. A layout is
+    Memory is asked first (peak_memory): a layout that does not fit is not priced further, nor one that
+    holds more than another that does not fit (ZeRO 0-2 differ only in sharded model states, so ZeRO-2
+    needs the least of them at each recompute: _lean_fits). A layout is
     skipped when it cannot rank ahead of `fastest` (the tuple's fastest so far) or of the one that fits:
     ZeRO stages below 3 share their stage times, ZeRO-3 and recompute only add to them, so the pipeline
     time (the step less the DP traffic and optimizer, which depend on both) of a ZeRO < 3 layout priced at
     the same or a lighter recompute is a floor for it. With `need_fit`, the caller needs to know whether
     any fits: then only once one has. The tuple's best candidate stays the same."""
     best: Candidate | None = None
-    closest: tuple[float, Layout] | None = None  # (peak bytes, layout) of the one missing by the least
+    peaks: dict[Layout, float] = {}  # what peak_memory said here
     done: set[int] = set()
     floors: dict[str, float] = {}  # recompute mode -> pipeline time of a ZeRO < 3 layout with it
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
@@ -322,26 +321,36 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
             if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
                 continue
         result.priced += 1
-        peak = peak_memory(graph, layout, training, work=work, memo=memo)
-        if peak > profile.hbm_bytes:
-            if closest is None or peak < closest[0]:
-                closest = (peak, layout)
+        if not _lean_fits(graph, work, layout, layouts, training, profile, memo, peaks):
             continue
         est = estimate(graph, layout, training, profile, work=work, validate=False, memo=memo)  # _inner validated it
         if not est.fits:  # at the limit, to the last bit
-            closest = (peak, layout)
+            peaks[layout] = est.peak_memory_bytes
             continue
         if layout.zero < 3:
-            floors[layout.recompute] = (est.step_time_s - est.time_breakdown["dp_exposed"]
-                                        - est.time_breakdown["optimizer"])
+            floors[layout.recompute] = pipeline_time(graph, layout, training, profile, work=work, memo=memo)
         done.add(layout.zero)
         if best is None or est.step_time_s < best.estimate.step_time_s:
             best = Candidate(layout=layout, estimate=est)
-    if best is None and closest is not None:
-        layout = closest[1]
+    if best is None and peaks:
+        layout = min(peaks, key=peaks.__getitem__)
         return Candidate(layout=layout, estimate=estimate(graph, layout, training, profile, work=work,
                                                           validate=False, memo=memo))
     return best
+
+
+def _lean_fits(graph: ModelGraph, work: list[UnitWork], layout: Layout, layouts: list[Layout],
+               training: Training, profile: Profile, memo: dict, peaks: dict[Layout, float]) -> bool:
+    """Whether `layout` fits in memory, asking the leanest of its ZeRO 0-2 siblings in `layouts` (same
+    recompute) first: when that one does not fit, neither does `layout`, which only holds more model states."""
+    lean = max((lay for lay in layouts if lay.zero < 3 and lay.recompute == layout.recompute),
+               key=lambda lay: lay.zero, default=layout) if layout.zero < 3 else layout
+    for lay in dict.fromkeys((lean, layout)):
+        if lay not in peaks:
+            peaks[lay] = peak_memory(graph, lay, training, work=work, memo=memo)
+        if peaks[lay] > profile.hbm_bytes:
+            return False
+    return True
 
 
 def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], training: Training,
