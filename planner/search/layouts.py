@@ -1,4 +1,4 @@
-"""Search over layouts: enumerate degree tuples, prune by a compute bound, price with the cost model, and
+"""Search over layouts: enumerate degree tuples, prune by a time floor, price with the cost model, and
 refine the best few with the stage-assignment ILP (planner/search/ilp.py).
 
 1. Degree tuples (tp, cp, pp, dp, ep) with tp x cp x pp x dp = N, any divisors (2,520 = 8 x 35 x 9 is
@@ -6,11 +6,13 @@ refine the best few with the stage-assignment ILP (planner/search/ilp.py).
    heads (kv heads divide tp or tp divides them: replicated kv heads), cp dividing seq_len / 2 (two chunks
    per rank for causal balance), pp at most the blocks, ep dividing experts and dp x cp, dp dividing the
    global batch.
-2. A lower bound per tuple: the model's FLOPs per step over N GPUs at the best GEMM efficiency, plus the
-   bubble at the most micro-batches and interleaving the tuple allows. Tuples are visited by bound; one
-   whose bound exceeds the best step time found is pruned unpriced.
-3. For each tuple, the inner choices: micro-batch, interleaving (vpp), then ZeRO stage and recompute from
-   the cheapest up, stopping at the first that fits (a heavier one only costs time).
+2. A floor per tuple: its least pipeline time over the micro-batch, interleaving and schedule choices, at
+   no recompute (estimate.pipeline_time: recompute, ZeRO-3, data-parallel traffic and the optimizer only
+   add to it). Tuples are visited by floor; one whose floor ranks after the layouts a plan shows (the best
+   and ALTERNATIVE_TUPLES more) is pruned unpriced, so the plan and its alternatives are exact.
+3. For each tuple, the inner choices: micro-batch, interleaving (vpp) and schedule, then ZeRO stage and
+   recompute from the cheapest up, stopping at the first that fits (a heavier one only costs time); memory
+   is asked before time, and a choice whose floor ranks after the tuple's best is skipped.
 4. The best distinct degree tuples are re-solved by the ILP (stage split and per-block recompute), which
    may recover time the uniform split lost (e.g. less recompute on late 1F1B stages), and ranked again.
 """
@@ -78,14 +80,16 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     memo: dict = {"work": work}  # estimate's: equal stages of different layouts are priced once
     tuples = degree_tuples(graph, gpus, training, profile, fixed)
     result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
-    bound = _bound_fn(graph, training, profile, gpus)
     best_time = math.inf
     found: list[Candidate] = []
     pruned: list[tuple[int, int, int, int, int]] = []
     shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
-    for degrees in sorted(tuples, key=bound):
-        if bound(degrees) > best_time or _priced_bound(graph, work, degrees, training, profile, fixed, memo) > best_time:
-            pruned.append(degrees)
+    # the most promising first: no layout of a tuple is faster than its floors
+    quick = {d: _quick_floor(graph, work, d, training, profile, fixed, memo) for d in tuples}
+    for degrees in sorted(tuples, key=lambda d: (quick[d], d)):
+        if _ranks_after(quick[degrees], _last_shown(shown)) or \
+                _ranks_after(_tuple_floor(graph, work, degrees, training, profile, fixed, memo), _last_shown(shown)):
+            pruned.append(degrees)  # neither the plan nor its alternatives
             continue
         for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)):
             found.append(cand)
@@ -190,35 +194,43 @@ def _choices(key: str, values: list[int], fixed: dict[str, Any]) -> list[int]:
     return [fixed[key]] if key in fixed else values
 
 
-def _bound_fn(graph: ModelGraph, training: Training, profile: Profile, gpus: int):
-    """Seconds per step no layout of a tuple can beat: compute at the best efficiency plus the least bubble."""
-    flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
-    ideal = flops / (gpus * profile.peak_flops(training.precision) * profile.gemm_efficiency_max)
-    least_bubble = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
-
-    def bound(degrees: tuple[int, int, int, int, int]) -> float:
-        tp, cp, pp, dp, ep = degrees
-        m = training.global_batch // dp
-        vmax = max(v for v in VPP_CHOICES if pp * v <= len(graph.blocks)) if pp > 1 else 1
-        return ideal * (1 + fill_drain(pp, vmax, least_bubble) / m)
-
-    return bound
-
-
-def _priced_bound(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
-                  training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
-    """The tuple priced at its most favourable inner choices, ignoring memory: no recompute, the most
-    interleaving, the smallest and largest micro-batch, and data-parallel traffic and optimizer for free.
-    No inner choice of the tuple is faster (recompute, ZeRO-3 and DP traffic only add time)."""
+def _tuple_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                 training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
+    """Seconds per step no layout of the tuple beats, memory aside: the least pipeline time over its
+    micro-batch, interleaving and schedule choices (_combos), at no recompute. Recompute, ZeRO-3 and the
+    data-parallel traffic and optimizer only add to it (estimate.pipeline_time)."""
     tp, cp, pp, dp, ep = degrees
-    per_dp = training.global_batch // dp
-    vpp = fixed.get("vpp") or max(_framework_choices(graph, training, pp)[1])  # the most interleaving tried
-    # the least bubble: zero-bubble where the framework runs it (a bound, whatever schedule is fixed)
-    schedule = "zb_interleaved" if training.framework in TORCH_SCHEDULES else "interleaved_1f1b"
-    return min(pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=1,
-                                           recompute="none", schedule=schedule if vpp > 1 or pp > 1 else "1f1b"),
-                             training, profile, work=work, memo=memo)  # a bound, valid or not
-               for mbs in {min(_mbs_options(per_dp, fixed)), max(_mbs_options(per_dp, fixed))})
+    base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
+    return min((pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
+                                            zero=1, recompute="none", **base), training, profile, work=work, memo=memo)
+                for mbs, vpp, schedule in _combos(graph, degrees, training, fixed)), default=math.inf)
+
+
+def _quick_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                 training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
+    """A floor under _tuple_floor that prices no pipeline: a step of m micro-batches is at least (m + the
+    least fill and drain) mean stage times (pipeline.step_time), and a mean stage time at least the units'
+    time over pp (the sends between stages left out)."""
+    tp, cp, pp, dp, ep = degrees
+    base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
+    choices = _combos(graph, degrees, training, fixed)
+    fill = min((fill_drain(pp, vpp, schedule) for _, vpp, schedule in choices), default=0.0)
+    out = math.inf
+    for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
+        m = training.global_batch // (dp * mbs)
+        whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **base)
+        units = pipeline_time(graph, whole, training, profile, work=work, memo=memo) / m  # one micro-batch
+        out = min(out, (m + fill) * units / pp)
+    return out
+
+
+def _combos(graph: ModelGraph, degrees: tuple[int, int, int, int, int], training: Training,
+            fixed: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """The (micro-batch, interleaving, schedule) choices of a tuple, micro-batch by micro-batch."""
+    pp, dp = degrees[2], degrees[3]
+    vpps = _choices("vpp", _framework_choices(graph, training, pp)[1], fixed)
+    return [(mbs, vpp, schedule) for mbs in _mbs_options(training.global_batch // dp, fixed) for vpp in vpps
+            for schedule in _schedules(pp, vpp, training, fixed)]
 
 
 def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
@@ -233,16 +245,15 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     Once the tuple has a layout that fits, choices that rank after it or after `last_shown` (_last_shown) are
     skipped (_first_fit): the tuple's best is kept whenever a plan could show it."""
     tp, cp, pp, dp, ep = degrees
-    per_dp = training.global_batch // dp
-    zeros, vpps = _framework_choices(graph, training, pp)
+    zeros = _framework_choices(graph, training, pp)[0]
     if 0 in zeros and 1 in zeros and comm.domains(comm.Group(size=dp * cp, stride=tp), profile) == 1:
         zeros.remove(0)  # inside one NVLink domain the all-reduce is a ring: ZeRO-1 moves as much, holds less
     out: list[Candidate] = []
     fastest = math.inf  # the tuple's fastest fitting candidate so far
-    for mbs in _mbs_options(per_dp, fixed):
+    choices = _combos(graph, degrees, training, fixed)
+    for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
         combos = []
-        for vpp, schedule in ((v, sch) for v in _choices("vpp", vpps, fixed)
-                              for sch in _schedules(pp, v, training, fixed)):
+        for vpp, schedule in ((v, sch) for b, v, sch in choices if b == mbs):
             base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
             layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
                               recompute=r, **base)
@@ -311,7 +322,9 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
     best: Candidate | None = None
     peaks: dict[Layout, float] = {}  # what peak_memory said here
     done: set[int] = set()
-    floors: dict[str, float] = {}  # recompute mode -> pipeline time of a ZeRO < 3 layout with it
+    # recompute mode -> pipeline time of a ZeRO < 3 layout with it; at none, a floor for every layout here
+    lightest = dataclasses.replace(layouts[0], zero=1, recompute="none")
+    floors = {"none": pipeline_time(graph, lightest, training, profile, work=work, memo=memo)}
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
         if layout.zero in done:
             continue
