@@ -1,12 +1,14 @@
 """End-to-end `plan` time (capture + search + plan), as a user runs it: a fresh process per case.
 
-    .venv/bin/python benchmarks/search_speed.py [--only NAME] [--save FILE.json]
+    .venv/bin/python benchmarks/search_speed.py [--only NAME] [--repeat N] [--save FILE.json]
 
 Target from the planner issue (16): every example under 5 CPU seconds on the 2-core development machine.
 CPU s is the plan process's user + system time (and its solver subprocesses'): unlike the wall time it does
 not grow when other work shares the cores. `step s` is the predicted step time of the chosen layout, so a
 faster search that picks a worse plan shows. `--save` writes each case's `plan --json` output, for
-comparing plans before and after a change. Prints a table; asserts nothing.
+comparing plans before and after a change. `--repeat N` runs each case N times and prints the least and the
+median CPU s (the development VM's speed drifts by up to 30% between minutes: the least is the machine
+undisturbed). Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -55,22 +58,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the cases whose name contains this (case-insensitive)")
     parser.add_argument("--save", help="write every case's plan --json output to this file")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case (least and median CPU s)")
     args = parser.parse_args()
     saved = {}
-    print(f"{'model':<28}{'GPUs':>7}{'wall s':>8}{'CPU s':>7}{'solve s':>8}{'step s':>10}  layout")
+    print(f"{'model':<28}{'GPUs':>7}{'wall s':>8}{'CPU s':>7}{'median':>7}{'solve s':>8}{'step s':>10}  layout")
     for name, model, gpus, batch in CASES:
         if args.only and args.only.lower() not in name.lower():
             continue
-        out, wall, cpu = run(model, gpus, batch)
+        runs = sorted((run(model, gpus, batch) for _ in range(max(1, args.repeat))), key=lambda r: r[2])
+        out, wall, cpu = runs[0]
+        median = statistics.median(r[2] for r in runs)
         if out.returncode not in (0, 3):
-            print(f"{name:<28}{gpus:>7}{wall:>8.1f}{cpu:>7.1f}  failed: {out.stderr.strip()[:200]}")
+            print(f"{name:<28}{gpus:>7}{wall:>8.1f}{cpu:>7.1f}{median:>7.1f}  failed: {out.stderr.strip()[:200]}")
             continue
         d = json.loads(out.stdout) if out.returncode == 0 else {}
         saved[name] = d
         lay = d.get("layout", {})
         short = ",".join(f"{k}={lay[k]}" for k in LAYOUT_KEYS if k in lay) or "no layout fits"
         step = d.get("predicted", {}).get("step_time_s", float("nan"))
-        print(f"{name:<28}{gpus:>7}{wall:>8.1f}{cpu:>7.1f}{d.get('solve_time_s', 0):>8.1f}{step:>10.4g}  {short}")
+        print(f"{name:<28}{gpus:>7}{wall:>8.1f}{cpu:>7.1f}{median:>7.1f}{d.get('solve_time_s', 0):>8.1f}{step:>10.4g}  "
+              f"{short}")
     if args.save:
         Path(args.save).write_text(json.dumps(saved, indent=1, sort_keys=True))
 
