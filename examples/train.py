@@ -76,9 +76,9 @@ def main() -> int:
         start, position = _resume(parallel, args, rank)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _exit(2, world)
     if args.verify and not _verify(parallel, args, vocab, rank):
-        return 1
+        return _exit(1, world)
     for step in range(start, args.steps):
         _kill_for_tests(step, rank, world)
         loss = parallel.train_step(_batch(args, vocab, position + step - start))
@@ -94,9 +94,17 @@ def main() -> int:
     if world > 1:
         dist.barrier()  # let every rank finish its last collective before the group goes away
         dist.destroy_process_group()
+    return _exit(0, world)
+
+
+def _exit(code: int, world: int) -> int:
+    """`code`; in a multi-process run the process ends here: interpreter teardown with gloo's threads alive
+    can abort ("terminate called without an active exception", exit -6) instead of exiting with `code`."""
+    if world > 1:
         sys.stdout.flush()
-        os._exit(0)  # skip interpreter teardown, which gloo's threads can abort ("terminate called ...")
-    return 0
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _resume(parallel, args: argparse.Namespace, rank: int) -> tuple[int, int]:
