@@ -98,12 +98,14 @@ def main() -> int:
 
 
 def _exit(code: int, world: int) -> int:
-    """`code`; in a multi-process run the process ends here: interpreter teardown with gloo's threads alive
-    can abort ("terminate called without an active exception", exit -6) instead of exiting with `code`."""
-    if world > 1:
+    """`code`, with gloo's threads stopped first: interpreter teardown with them alive can abort ("terminate
+    called without an active exception", exit -6). After a run the process ends at once; after a refusal it
+    exits normally, so that a rank still inside apply_layout can reach its own refusal before the store goes."""
+    if world > 1 and code == 0:
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(0)  # the group is already destroyed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return code
 
 
