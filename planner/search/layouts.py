@@ -240,10 +240,12 @@ def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
 def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int], training: Training,
            profile: Profile, fixed: dict[str, Any], result: SearchResult, memo: dict,
            last_shown: float = math.inf) -> list[Candidate]:
-    """Micro-batch and interleaving choices of one tuple, each with the cheapest ZeRO/recompute that fits.
+    """Micro-batch, interleaving and schedule choices of one tuple, each with the cheapest ZeRO/recompute
+    that fits.
 
     Once the tuple has a layout that fits, choices that rank after it or after `last_shown` (_last_shown) are
-    skipped (_first_fit): the tuple's best is kept whenever a plan could show it."""
+    skipped (_first_fit): the tuple's best is kept whenever a plan could show it. An interleaving and
+    schedule that fits nowhere at one micro-batch size is not tried at larger ones."""
     tp, cp, pp, dp, ep = degrees
     zeros = _framework_choices(graph, training, pp)[0]
     if 0 in zeros and 1 in zeros and comm.domains(comm.Group(size=dp * cp, stride=tp), profile) == 1:
@@ -251,9 +253,14 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     out: list[Candidate] = []
     fastest = math.inf  # the tuple's fastest fitting candidate so far
     choices = _combos(graph, degrees, training, fixed)
+    # (vpp, schedule) found not to fit at a micro-batch: a larger one holds more (states alike; activations,
+    # logits and in-flight micro-batches x micro-batch size never shrink: pipeline.in_flight)
+    dead: set[tuple[int, str]] = set()
     for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
+        if {(v, sch) for _, v, sch in choices} <= dead:
+            break  # nothing left that could fit
         combos = []
-        for vpp, schedule in ((v, sch) for b, v, sch in choices if b == mbs):
+        for vpp, schedule in ((v, sch) for b, v, sch in choices if b == mbs and (v, sch) not in dead):
             base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
             layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
                               recompute=r, **base)
@@ -267,16 +274,15 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
             result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
             if layouts := [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]:
                 combos.append(layouts)
-        for i, layouts in enumerate(combos):
-            # whether the last one fits decides the next micro-batch: it is priced until that is known
+        for layouts in combos:
             bar = min(fastest, last_shown) if fastest < math.inf else math.inf
-            cand = _first_fit(graph, work, layouts, training, profile, result, memo, bar, i == len(combos) - 1)
+            cand, none_fit = _first_fit(graph, work, layouts, training, profile, result, memo, bar)
+            if none_fit:
+                dead.add((layouts[0].vpp, layouts[0].schedule))
             if cand is not None:
                 out.append(cand)
                 if cand.estimate.fits:
                     fastest = min(fastest, cand.estimate.step_time_s)
-        if out and not out[-1].estimate.fits:
-            break  # a larger micro-batch only needs more memory
     return out
 
 
@@ -306,10 +312,11 @@ def _schedules(pp: int, vpp: int, training: Training, fixed: dict[str, Any]) -> 
 
 
 def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], training: Training,
-               profile: Profile, result: SearchResult, memo: dict, fastest: float = math.inf,
-               need_fit: bool = True) -> Candidate | None:
+               profile: Profile, result: SearchResult, memo: dict,
+               fastest: float = math.inf) -> tuple[Candidate | None, bool]:
     """For each ZeRO stage, the lightest recompute that fits (heavier ones only cost time); the fastest of
-    those. When none fits, the layout closest to fitting (kept for the no-fit report).
+    those. When none fits, the layout closest to fitting (kept for the no-fit report). Also whether every
+    layout was asked and none fits.
 
     Memory is asked first (peak_memory): a layout that does not fit is not priced further, nor one that
     holds more than another that does not fit (ZeRO 0-2 differ only in sharded model states, so ZeRO-2
@@ -317,22 +324,22 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
     skipped when it cannot rank ahead of `fastest` (the tuple's fastest so far) or of the one that fits:
     ZeRO stages below 3 share their stage times, ZeRO-3 and recompute only add to them, so the pipeline
     time (the step less the DP traffic and optimizer, which depend on both) of a ZeRO < 3 layout priced at
-    the same or a lighter recompute is a floor for it. With `need_fit`, the caller needs to know whether
-    any fits: then only once one has. The tuple's best candidate stays the same."""
+    the same or a lighter recompute is a floor for it. The tuple's best candidate stays the same."""
     best: Candidate | None = None
     peaks: dict[Layout, float] = {}  # what peak_memory said here
     done: set[int] = set()
+    skipped = False
     # recompute mode -> pipeline time of a ZeRO < 3 layout with it; at none, a floor for every layout here
     lightest = dataclasses.replace(layouts[0], zero=1, recompute="none")
     floors = {"none": pipeline_time(graph, lightest, training, profile, work=work, memo=memo)}
     for layout in layouts:  # ordered by ZeRO stage, then recompute from none to full
         if layout.zero in done:
             continue
-        if best is not None or not need_fit:
-            heavy = RECOMPUTE.index(layout.recompute)
-            floor = max((t for r, t in floors.items() if RECOMPUTE.index(r) <= heavy), default=0.0)
-            if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
-                continue
+        heavy = RECOMPUTE.index(layout.recompute)
+        floor = max((t for r, t in floors.items() if RECOMPUTE.index(r) <= heavy), default=0.0)
+        if _ranks_after(floor, fastest if best is None else min(fastest, best.estimate.step_time_s)):
+            skipped = True
+            continue
         result.priced += 1
         if not _lean_fits(graph, work, layout, layouts, training, profile, memo, peaks):
             continue
@@ -348,8 +355,8 @@ def _first_fit(graph: ModelGraph, work: list[UnitWork], layouts: list[Layout], t
     if best is None and peaks:
         layout = min(peaks, key=peaks.__getitem__)
         return Candidate(layout=layout, estimate=estimate(graph, layout, training, profile, work=work,
-                                                          validate=False, memo=memo))
-    return best
+                                                          validate=False, memo=memo)), not skipped
+    return best, best is None and not skipped
 
 
 def _lean_fits(graph: ModelGraph, work: list[UnitWork], layout: Layout, layouts: list[Layout],
