@@ -54,20 +54,24 @@ class Estimate:
     micro_batches: int
     peak_stage: int
     stage_times_s: list[float]
-    stage_memories: list[memory.StageMemory] = field(default_factory=list)
-    """Peak bytes on one GPU of each pipeline stage, by kind."""
+    stage_memory_bytes: list[float] = field(default_factory=list)
+    """Peak bytes per GPU of each pipeline stage."""
     time_breakdown: dict[str, float] = field(default_factory=dict)
     """Seconds per step: compute, recompute, bubble and each exposed communication."""
+    memory_parts: list[tuple] = field(default_factory=list, repr=False)
+    """Per stage (states, activations, in-flight bytes) as _memories gives them: stage_memories builds the
+    by-kind view from them when asked (most estimates the search makes are never shown)."""
 
     @property
-    def stage_memory_bytes(self) -> list[float]:
-        """Peak bytes per GPU of each pipeline stage."""
-        return [mem.total for mem in self.stage_memories]
+    def stage_memories(self) -> list[memory.StageMemory]:
+        """Peak bytes on one GPU of each pipeline stage, by kind."""
+        return [_holding(states, working, logits, held) for states, (working, logits, _), held in self.memory_parts]
 
     @property
     def memory_breakdown(self) -> dict[str, float]:
         """Bytes on the peak stage's GPU by kind (the kinds it holds)."""
-        return {k: v for k, v in _mem_dict(self.stage_memories[self.peak_stage]).items() if v}
+        states, (working, logits, _), held = self.memory_parts[self.peak_stage]
+        return {k: v for k, v in _mem_dict(_holding(states, working, logits, held)).items() if v}
 
     @property
     def stage_memory_breakdown(self) -> list[dict[str, float]]:
@@ -142,9 +146,9 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
             memo[key] = _data_parallel(s, part, layout, profile, groups, m, fw, grad_bytes)
         dp_exposed, opt = max(dp_exposed, memo[key][0]), max(opt, memo[key][1])
     step = pipe + dp_exposed + opt
-    mems = [_holding(states, working, logits, held)
-            for states, (working, logits, _), held in _memories(graph, layout, training, fw, stages, memo)]
-    peak = max(range(len(mems)), key=lambda i: mems[i].total)
+    parts_mem = _memories(graph, layout, training, fw, stages, memo)
+    totals = [_total(states, working, logits, held) for states, (working, logits, _), held in parts_mem]
+    peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = layout.gpus
     model_flops = (graph.fwd_flops + graph.bwd_flops) / graph.tokens * training.tokens
     recompute_flops = _recompute_flops(stages) * training.tokens
@@ -160,11 +164,12 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
         tokens_per_sec_per_gpu=training.tokens / step / gpus,
         mfu=model_flops / peak_flops,
         hfu=(model_flops + recompute_flops) / peak_flops,
-        peak_memory_bytes=mems[peak].total,
+        peak_memory_bytes=totals[peak],
         memory_capacity_bytes=profile.hbm_bytes,
         micro_batches=m, peak_stage=peak, stage_times_s=stage_times,
-        stage_memories=mems,
+        stage_memory_bytes=totals,
         time_breakdown=breakdown,
+        memory_parts=parts_mem,
     )
 
 
@@ -174,7 +179,7 @@ def peak_memory(graph: ModelGraph, layout: Layout, training: Training, *, work: 
     layouts it tries do not fit. Arguments as estimate's (no validation)."""
     memo = {} if memo is None else memo
     fw, stages, degrees = _setup(graph, layout, training, None, None, work, None, memo)
-    return max(_with_reserve(states.total + working + logits + held)
+    return max(_total(states, working, logits, held)
                for states, (working, logits, _), held in _memories(graph, layout, training, fw, stages, memo))
 
 
@@ -508,7 +513,9 @@ def _holding(states: memory.StageMemory, working: float, logits: float, held: fl
     return out
 
 
-def _with_reserve(total: float) -> float:
+def _total(states: memory.StageMemory, working: float, logits: float, held: float) -> float:
+    """_holding(...).total, to the bit, without building it."""
+    total = states.weights + states.gradients + states.optimizer + (working + held) + logits + states.buffers
     return total + memory.ALLOCATOR_RESERVE * total
 
 
