@@ -50,7 +50,7 @@ GLOBAL_KEYS = ("gemm_half_flops", "attention_efficiency", "network_scale")
 BOUNDS = {
     "gemm_efficiency_max": (0.3, 0.95),
     "gemm_half_flops": (1e7, 1e11),
-    "attention_efficiency": (0.2, 0.9),
+    "attention_efficiency": (0.2, 1.2),
     "network_scale": (0.2, 1.5),
     "kernel_efficiency": (0.5, 1.2),
 }

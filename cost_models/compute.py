@@ -1,8 +1,9 @@
 """Compute time of one unit for one micro-batch on one GPU.
 
 time = GEMM FLOPs / (peak(dtype) x efficiency(GEMM size))        (Calculon, Isaev et al. SC'23: per-op
-     + attention FLOPs / (bf16 peak x attention efficiency(size))  efficiency by size; attention fused,
-                                                                   one kernel per CP ring step)
+     + attention FLOPs / (bf16 peak x GEMM eff_max x attention ratio(size))  efficiency by size;
+                                                                   attention fused, one kernel per CP
+                                                                   ring step)
      + elementwise HBM traffic / HBM bandwidth                     (norms, activations, rope: memory bound)
 Backward: GEMMs twice the forward (data and weight gradients); fused attention 2.5x (FlashAttention-2,
 arXiv:2307.08691: 5 matmuls backward against 2 forward); elementwise twice.
@@ -81,7 +82,7 @@ def unit_compute(
         per_kernel = flops / cp
         if cp > 1 and cp_comm == "allgather_masked":
             flops, per_kernel = 2 * flops, 2 * flops
-        eff = k * profile.attention_efficiency * per_kernel / (per_kernel + profile.gemm_half_flops)
+        eff = k * profile.attention_efficiency * profile.gemm_efficiency_max * per_kernel / (per_kernel + profile.gemm_half_flops)
         attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f

@@ -71,7 +71,8 @@ class Profile:
     gemm_half_flops: float
     """Fitted: FLOPs of one GEMM at which it reaches half of gemm_efficiency_max."""
     attention_efficiency: float
-    """Fitted: fraction of the bf16 peak that fused (flash) attention reaches."""
+    """Fitted: fraction of gemm_efficiency_max that fused (flash) attention reaches (of the bf16 peak: the
+    product), so what lowers a GPU's GEMMs (a power cap, an older generation) lowers its attention too."""
     collective_efficiency_intra: float
     """Fitted: NCCL bus bandwidth / link bandwidth for large messages over NVLink."""
     collective_efficiency_inter: float

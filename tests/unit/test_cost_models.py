@@ -143,6 +143,20 @@ def test_fp8_speeds_up_only_gemms():
     assert bf16.fwd_s - fp8.fwd_s == pytest.approx(gemm_bf16 / 2)
 
 
+def test_attention_runs_at_a_fraction_of_the_gemm_efficiency():
+    """Fused attention time by hand: FLOPs / (bf16 peak x gemm_efficiency_max x attention_efficiency x
+    f / (f + f_half)); a GPU whose GEMMs run slower (a power cap: gemm_efficiency_max halved) runs its
+    attention slower by as much."""
+    w = UnitWork(name="b", kind="block", gemm_flops=0, gemm_calls=1, attn_flops=1e8, act_bytes=0,
+                 core_bytes=0, input_bytes=100, dense_params=0, expert_params=0)
+    kw = dict(tokens=4096, tp=1, cp=1, precision="bf16", recompute="none")
+    flops = 1e8 * 4096
+    t = unit_compute(w, profile=PROFILE, **kw)
+    assert t.attn_fwd_s == pytest.approx(flops / (1000e12 * 0.8 * 0.5 * flops / (flops + 1e9)))
+    capped = PROFILE.replace(gemm_efficiency_max=0.4)
+    assert unit_compute(w, profile=capped, **kw).attn_fwd_s == pytest.approx(2 * t.attn_fwd_s)
+
+
 def test_recompute_adds_forward_work():
     w = _block(1024)
     w = UnitWork(**{**{f: getattr(w, f) for f in w.__slots__}, "gemm_flops": 1e8, "attn_flops": 1e7})
