@@ -70,8 +70,7 @@ class Estimate:
     @property
     def memory_breakdown(self) -> dict[str, float]:
         """Bytes on the peak stage's GPU by kind (the kinds it holds)."""
-        states, (working, logits, _), held = self.memory_parts[self.peak_stage]
-        return {k: v for k, v in _mem_dict(_holding(states, working, logits, held)).items() if v}
+        return {k: v for k, v in self.stage_memory_breakdown[self.peak_stage].items() if v}
 
     @property
     def stage_memory_breakdown(self) -> list[dict[str, float]]:
@@ -141,7 +140,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
     grad_bytes = training.grad_bytes(fw.grad_bytes)
     dp_exposed, opt = 0.0, 0.0  # the slowest stage's
     for s, part in {s.key: (s, part) for s, part in zip(stages, parts, strict=True)}.values():
-        key = ("dp", s.key, degrees, layout.zero, m)
+        key = ("dp", s.key, degrees, layout.zero)  # degrees hold dp and mbs: m too
         if key not in memo:
             memo[key] = _data_parallel(s, part, layout, profile, groups, m, fw, grad_bytes)
         dp_exposed, opt = max(dp_exposed, memo[key][0]), max(opt, memo[key][1])
@@ -198,7 +197,7 @@ def _parts(layout: Layout, training: Training, profile: Profile, fw: Framework, 
            degrees: tuple, memo: dict) -> list[dict[str, float]]:
     """Seconds one micro-batch spends on each stage, by kind (_stage_time)."""
     m = training.global_batch // (layout.dp * layout.mbs)
-    zero3 = (layout.zero == 3, m if layout.zero == 3 else 0)  # ZeRO < 3 leaves stage times alone
+    zero3 = layout.zero == 3  # ZeRO < 3 leaves stage times alone (degrees hold m's dp and mbs)
     parts = []
     for s in stages:
         key = ("time", s.key, degrees, zero3)
@@ -231,19 +230,17 @@ def _memories(graph: ModelGraph, layout: Layout, training: Training, fw: Framewo
     out = []
     kept: dict[tuple, tuple] = {}  # stage key -> (states, activations): middle stages are often alike
     for i, s in enumerate(stages):
-        if s.key in kept:
-            states, acts = kept[s.key]
-            out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
-            continue
-        states_key = ("states", s.key if layout.zero == 3 else s.params, layout.tp, layout.cp, layout.dp, layout.ep,
-                      layout.pp > 1, layout.zero)
-        if states_key not in memo:
-            memo[states_key] = _stage_states(s, layout, training.grad_bytes(fw.grad_bytes))
-        acts_key = ("activations", s.key, layout.tp, layout.cp, layout.sp, layout.mbs)
-        if acts_key not in memo:
-            memo[acts_key] = _stage_activations(s, layout, graph.vocab, layout.mbs * training.seq_len,
-                                                training.attention, fw)
-        states, acts = kept[s.key] = memo[states_key], memo[acts_key]
+        if s.key not in kept:
+            states_key = ("states", s.key if layout.zero == 3 else s.params, layout.tp, layout.cp, layout.dp,
+                          layout.ep, layout.pp > 1, layout.zero)
+            if states_key not in memo:
+                memo[states_key] = _stage_states(s, layout, training.grad_bytes(fw.grad_bytes))
+            acts_key = ("activations", s.key, layout.tp, layout.cp, layout.sp, layout.mbs)
+            if acts_key not in memo:
+                memo[acts_key] = _stage_activations(s, layout, graph.vocab, layout.mbs * training.seq_len,
+                                                    training.attention, fw)
+            kept[s.key] = memo[states_key], memo[acts_key]
+        states, acts = kept[s.key]
         out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
     return out
 

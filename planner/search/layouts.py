@@ -80,28 +80,20 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     memo: dict = {"work": work}  # estimate's: equal stages of different layouts are priced once
     tuples = degree_tuples(graph, gpus, training, profile, fixed)
     result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
-    best_time = math.inf
     found: list[Candidate] = []
-    pruned: list[tuple[int, int, int, int, int]] = []
     shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
     # the most promising first: no layout of a tuple is faster than its floors
     quick = {d: _quick_floor(graph, work, d, training, profile, fixed, memo) for d in tuples}
     for degrees in sorted(tuples, key=lambda d: (quick[d], d)):
-        if _ranks_after(quick[degrees], _last_shown(shown)) or \
-                _ranks_after(_tuple_floor(graph, work, degrees, training, profile, fixed, memo), _last_shown(shown)):
-            pruned.append(degrees)  # neither the plan nor its alternatives
+        last = _last_shown(shown)
+        if _ranks_after(quick[degrees], last) or \
+                _ranks_after(_tuple_floor(graph, work, degrees, training, profile, fixed, memo), last):
+            result.pruned += 1  # neither the plan nor its alternatives
             continue
-        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)):
+        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, last):
             found.append(cand)
             if cand.estimate.fits:
-                best_time = min(best_time, cand.estimate.step_time_s)
                 shown[degrees] = min(shown.get(degrees, math.inf), cand.estimate.step_time_s)
-    # price a few pruned tuples too, so the plan can show why the next-best layouts lost
-    for degrees in pruned[:ALTERNATIVE_TUPLES]:
-        if len(_distinct([c for c in found if c.estimate.fits])) > ALTERNATIVE_TUPLES:
-            break
-        found.extend(_inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)))
-    result.pruned = len(pruned)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
     _refine(graph, work, fits, training, profile, result, fixed, memo)
     fits = sorted(fits, key=_rank_key)
@@ -200,9 +192,9 @@ def _tuple_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, in
     micro-batch, interleaving and schedule choices (_combos), at no recompute. Recompute, ZeRO-3 and the
     data-parallel traffic and optimizer only add to it (estimate.pipeline_time)."""
     tp, cp, pp, dp, ep = degrees
-    base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
     return min((pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
-                                            zero=1, recompute="none", **base), training, profile, work=work, memo=memo)
+                                            zero=1, recompute="none", **_flags(fixed)), training, profile,
+                              work=work, memo=memo)
                 for mbs, vpp, schedule in _combos(graph, degrees, training, fixed)), default=math.inf)
 
 
@@ -212,16 +204,20 @@ def _quick_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, in
     least fill and drain) mean stage times (pipeline.step_time), and a mean stage time at least the units'
     time over pp (the sends between stages left out)."""
     tp, cp, pp, dp, ep = degrees
-    base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
     choices = _combos(graph, degrees, training, fixed)
     fill = min((fill_drain(pp, vpp, schedule) for _, vpp, schedule in choices), default=0.0)
     out = math.inf
     for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
         m = training.global_batch // (dp * mbs)
-        whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **base)
+        whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **_flags(fixed))
         units = pipeline_time(graph, whole, training, profile, work=work, memo=memo) / m  # one micro-batch
         out = min(out, (m + fill) * units / pp)
     return out
+
+
+def _flags(fixed: dict[str, Any]) -> dict[str, Any]:
+    """The layout switches the user fixed (sequence parallelism, async TP): every layout tried keeps them."""
+    return {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
 
 
 def _combos(graph: ModelGraph, degrees: tuple[int, int, int, int, int], training: Training,
@@ -256,12 +252,13 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     # (vpp, schedule) found not to fit at a micro-batch: a larger one holds more (states alike; activations,
     # logits and in-flight micro-batches x micro-batch size never shrink: pipeline.in_flight)
     dead: set[tuple[int, str]] = set()
+    pairs = {(v, sch) for _, v, sch in choices}
+    base = _flags(fixed)
     for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
-        if {(v, sch) for _, v, sch in choices} <= dead:
+        if pairs <= dead:
             break  # nothing left that could fit
         combos = []
         for vpp, schedule in ((v, sch) for b, v, sch in choices if b == mbs and (v, sch) not in dead):
-            base = {k: v for k, v in fixed.items() if k in ("sequence_parallel", "async_tp")}
             layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
                               recompute=r, **base)
                        for z in _choices("zero", zeros, fixed)
