@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from autoshard.cost_models.estimate import estimate
 from autoshard.cost_models.layout import Training, complete, parse_layout
 from autoshard.hardware_profiles import Profile, UnknownProfileError, load_profile
+from autoshard.planner.capture.cache import captured
 from autoshard.planner.capture.loading import LoadedModel, load_model
-from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
 from autoshard.planner.outputs.plan import Plan, build_plan
 from autoshard.planner.search.layouts import InvalidLayout, SearchResult, search
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FULL_LAYOUT = ("tp", "pp", "vpp", "cp", "ep", "dp", "zero", "mbs", "recompute")
 ALTERNATIVES = 5
@@ -30,13 +31,15 @@ class NoFitError(UserError):
 def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Profile,
          global_batch: int | None = None, seq_len: int | None = None, micro_batch: int | None = None,
          precision: str | None = None, layout: str | dict[str, Any] | None = None,
-         gpu_memory_gib: float | None = None, framework: str = "torch", grad_reduce: str | None = None) -> Plan:
+         gpu_memory_gib: float | None = None, framework: str = "torch", grad_reduce: str | None = None,
+         cache: bool = True) -> Plan:
     """The best layout of `model` on `gpus` GPUs of `profile`, as a Plan.
 
     `layout` fixes some keys (a layout string or dict) and the planner chooses the rest; with every key
     given it only estimates. `framework` is what will run the plan (cost_models/framework.py: torch, the
     default, is apply_plan itself; torchtitan, megatron, deepspeed, nanotron); `grad_reduce` (fp32 or bf16)
-    overrides its gradient buffer and reduction dtype. Raises UserError on bad input
+    overrides its gradient buffer and reduction dtype. `cache` False captures a spec again rather than read
+    its graph from the capture cache (planner/capture/cache.py). Raises UserError on bad input
     and NoFitError when nothing fits.
     """
     if gpus < 1:
@@ -45,7 +48,7 @@ def plan(model: nn.Module | str | Path, *, gpus: int, profile: str | Path | Prof
     loaded = load_model(model)
     fixed = _fixed(layout, micro_batch)
     training = _training(loaded, global_batch, seq_len, precision, fixed, gpus, framework, grad_reduce)
-    graph = capture(loaded, 1, training.seq_len)
+    graph = captured(loaded, 1, training.seq_len, cache=cache)  # a spec planned before is read back
     start = time.perf_counter()
     if all(k in fixed for k in FULL_LAYOUT):
         return _estimate_only(graph, fixed, gpus, training, prof, start)

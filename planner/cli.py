@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="capture the model again, even if a spec was captured alike before (planner/capture/cache.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -96,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         result = plan(args.model, gpus=args.gpus, profile=args.profile, global_batch=args.global_batch,
                       seq_len=args.seq_len, micro_batch=args.micro_batch, precision=args.precision,
                       layout=args.layout, gpu_memory_gib=args.gpu_memory_gib, framework=args.framework,
-                      grad_reduce=args.grad_reduce)
+                      grad_reduce=args.grad_reduce, cache=not args.no_cache)
     _write_outputs(args, result)
     print(json.dumps(result.to_json(), sort_keys=True) if args.json else result.summary())
     if not result.predicted["fits"]:

@@ -1,11 +1,21 @@
 """Shared test set-up: one thread per process (2-core CI runs two pytest workers) and common paths."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# plan() keeps spec captures on disk (planner/capture/cache.py): each test process starts with an empty
+# folder of its own (inherited by the processes it launches), never the user's ~/.cache/autoshard
+os.environ["AUTOSHARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoshard-test-cache-")
+os.environ.pop("AUTOSHARD_CACHE", None)
+atexit.register(shutil.rmtree, os.environ["AUTOSHARD_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "examples" / "specs"

@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from autoshard.planner.errors import ModelLoadError, UserError
+
+if TYPE_CHECKING:  # torch is imported where a module is built: a spec read from the capture cache needs none
+    import torch
+    from torch import nn
 
 DEFAULT_SEQ_LEN = 2048
 HF_DEFAULT_SEQ_LEN = 4096
@@ -47,15 +48,16 @@ class LoadedModel:
 
 def token_inputs(micro_batch: int, seq_len: int) -> tuple[torch.Tensor]:
     """The default input: token ids of a decoder LM, shape (micro_batch, seq_len)."""
+    import torch
+
     return (torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta"),)
 
 
 def load_model(source: nn.Module | str | Path | LoadedModel) -> LoadedModel:
     if isinstance(source, LoadedModel):
         return source
-    if isinstance(source, nn.Module):
-        return LoadedModel(module=source, name=type(source).__name__, example_inputs=token_inputs,
-                           seq_len=DEFAULT_SEQ_LEN, kind="module")
+    if not isinstance(source, (str, Path)):
+        return _load_module(source)
     path = Path(source)
     if not path.exists():
         raise ModelLoadError(
@@ -74,7 +76,19 @@ def load_model(source: nn.Module | str | Path | LoadedModel) -> LoadedModel:
     )
 
 
+def _load_module(source: Any) -> LoadedModel:
+    from torch import nn
+
+    if not isinstance(source, nn.Module):
+        raise UserError(f"model must be an nn.Module or a path (model.py, spec .yaml, Hugging Face config), "
+                        f"got {type(source).__name__}")
+    return LoadedModel(module=source, name=type(source).__name__, example_inputs=token_inputs,
+                       seq_len=DEFAULT_SEQ_LEN, kind="module")
+
+
 def _load_model_py(path: Path) -> LoadedModel:
+    from torch import nn
+
     module_name = f"autoshard_user_model_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
@@ -107,6 +121,8 @@ def _load_model_py(path: Path) -> LoadedModel:
 
 
 def _on_meta(build: Callable[[], Any]) -> Any:
+    import torch
+
     with torch.device("meta"):
         return build()
 
@@ -126,6 +142,8 @@ def _call_user(path: Path, what: str, fn: Callable[[], Any]) -> Any:
 
 def _user_inputs(path: Path, fn: Callable[[int, int], Any]) -> Callable[[int, int], tuple]:
     def inputs(micro_batch: int, seq_len: int) -> tuple:
+        import torch
+
         out = _call_user(path, "example_inputs()", lambda: _on_meta(lambda: fn(micro_batch, seq_len)))
         out = out if isinstance(out, tuple) else (out,)
         return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in out)

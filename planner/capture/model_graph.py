@@ -203,6 +203,18 @@ class ModelGraph:
         d["edges"] = [dataclasses.asdict(e) for e in self.edges]
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelGraph:
+        """The inverse of to_dict (as read back from JSON): the graph without its fx GraphModule."""
+        infos = {"attention": AttentionInfo, "mlp": MLPInfo, "moe": MoEInfo}
+
+        def unit(d: dict[str, Any]) -> Unit:
+            parts = {k: infos[k](**d[k]) for k in infos if d.get(k) is not None}
+            return Unit(**{**d, **parts})
+
+        return cls(**{**data, "units": [unit(u) for u in data["units"]],
+                      "edges": [Edge(**e) for e in data["edges"]]})
+
     def summary(self) -> dict[str, Any]:
         """The `plan --inspect --json` object."""
         return {

@@ -256,7 +256,7 @@ def test_cli_flags_are_frozen():
     assert flags == sorted([
         "-h", "--help", "--inspect", "--gpus", "--profile", "--gpu-memory-gib", "--layout", "--global-batch",
         "--precision", "--json", "--micro-batch", "--seq-len", "--debug", "-o", "--output",
-        "--report", "--export", "--quiet", "--framework", "--grad-reduce",
+        "--report", "--export", "--quiet", "--framework", "--grad-reduce", "--no-cache",
     ])
 
 
