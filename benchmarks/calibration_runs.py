@@ -53,7 +53,8 @@ Rules
    c. grad_reduce: bf16 when the notes say "performance recipe" (Megatron-Bridge: its performance recipes
       set grad_reduce_in_fp32=False, as NeMo 2's pretrain_recipe_performance does); else the framework's
       default (Megatron: fp32 main gradients, Megatron-LM arguments.py for bf16).
-   b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline);
+   b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline:
+      deepspeed_2021, DeepSpeed as it was that year);
       else by source family: Megatron-LM as of 2021-2023 (megatron_2023: no context parallelism, no
       ZeRO-3) for SC'21, Korthikanti and MegaScale; Megatron-Core for the Megatron-Core README, NeMo and
       Megatron-Bridge; torchtitan; PyTorch FSDP alone (torch_fsdp, through Composer) for llm-foundry;
@@ -488,6 +489,10 @@ ZeRO-3 (megatron_2023; same kernels as megatron), llm-foundry's 2023 MPT runs us
 def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
     """What ran the layout: DeepSpeed when the notes say so, else the source family's framework (rule 3b)."""
     if "deepspeed" in str(entry.get("notes", "")).lower():
+        if entry.get("group") == "megatron_sc21":  # DeepSpeed as it was in 2021 (cost_models/framework.py)
+            notes.append("framework=deepspeed_2021: SC'21 (2021) ran DeepSpeed v0.3-0.5, whose stage-3 fetches "
+                         "were not overlapped")
+            return "deepspeed_2021"
         return "deepspeed"
     group = entry.get("group", "")
     if group not in _GROUP_FRAMEWORK:

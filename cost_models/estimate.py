@@ -413,26 +413,30 @@ def _stage_params(stage: _Stage, layout: Layout) -> tuple[float, float]:
 
 def _zero3_exposed(stage: _Stage, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
                    compute: float, fw: Framework) -> float:
-    """FSDP per micro-batch: all-gather 16-bit weights for forward and again for backward, reduce-scatter
-    fp32 gradients (ZeRO paper Sec. 7.2.2: 1.5x the DP volume). One gather per block (FSDP2) or per linear
+    """FSDP per micro-batch: all-gather 16-bit weights for forward and again for backward (and a third time
+    for a recomputed forward under DeepSpeed: Framework.zero3_regather), reduce-scatter the gradients in
+    the framework's reduce dtype (ZeRO paper Sec. 7.2.2: 1.5x the DP volume). One gather per block (FSDP2) or per linear
     (DeepSpeed), each paying its own ring latency: at DP in the hundreds the rings are latency-bound. Up to
     `zero3_overlap` of the compute hides them (prefetch)."""
-    t = sum(n * _zero3_unit(w, layout, profile, groups, fw) for w, _, n in stage.kinds)
+    t = sum(n * _zero3_unit(w, layout, profile, groups, fw, regather=fw.zero3_regather and mode == "full")
+            for w, mode, n in stage.kinds)
     hidden = min(t, fw.zero3_overlap * compute)
     return t - hidden + (profile.overlap_slowdown - 1) * hidden
 
 
 def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
-                fw: Framework) -> float:
-    """One unit's ZeRO-3 traffic per micro-batch: gathers forward and backward, gradient reduce-scatter."""
+                fw: Framework, regather: bool = False) -> float:
+    """One unit's ZeRO-3 traffic per micro-batch: gathers forward and backward (and for the recomputed
+    forward when `regather`), gradient reduce-scatter."""
     t = 0.0
     calls = w.gemm_calls if fw.zero3_gather == "linear" and w.kind == "block" else 1
+    gathers = 3 if regather else 2
     dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
     for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
         if params <= 0:
             continue
-        t += calls * 2 * comm.all_gather(params / calls * memory.WEIGHT_BYTES, group, profile)
-        t += calls * comm.reduce_scatter(params / calls * FSDP_REDUCE_BYTES, group, profile)
+        t += calls * gathers * comm.all_gather(params / calls * memory.WEIGHT_BYTES, group, profile)
+        t += calls * comm.reduce_scatter(params / calls * fw.zero3_reduce_bytes, group, profile)
     return t
 
 

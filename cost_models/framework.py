@@ -31,6 +31,12 @@ class Framework:
     (DeepSpeed ZeRO-3 fetches each submodule's parameters)."""
     zero3_overlap: float
     """Fraction of the ZeRO-3 traffic that can hide under compute (prefetch)."""
+    zero3_reduce_bytes: float = 4.0
+    """Bytes per gradient element of the ZeRO-3 reduce-scatter (FSDP2 reduces in fp32 under bf16 mixed
+    precision, torchtitan's and autoshard's default; DeepSpeed stage 3 in the 16-bit gradient dtype)."""
+    zero3_regather: bool = False
+    """A unit recomputed in backward gathers its parameters once more (DeepSpeed's per-submodule fetch hooks
+    fire again in the recomputed forward; FSDP2 gathers a block once for its recompute and backward)."""
     dp_bucket_bytes: float
     """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
     grad_bytes: float
@@ -104,16 +110,20 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
         dp_bucket_bytes=5e8, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=False, zero_with_pp=1,
-        dims=("tp", "pp", "ep"), kernel_efficiency=0.90, prior=0.90,
+        zero3_reduce_bytes=2.0, zero3_regather=True, dims=("tp", "pp", "ep"), kernel_efficiency=0.90, prior=0.90,
         source="DeepSpeed with Megatron-style TP (Megatron-DeepSpeed); no ring context parallelism (its Ulysses sequence parallelism is an all-to-all scheme this model does not price); DeepSpeed PipelineEngine: 1F1B only, ZeRO-2/3 refused with pipeline parallelism (runtime/pipe/engine.py asserts zero stage < 2); ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
-               "parameters before it runs, prefetching within stage3_prefetch_bucket_size; reduce_bucket_size "
-               "5e8; overlap 0.5 assumed (prefetch is partial)"),
+               "parameters before it runs, prefetching within stage3_prefetch_bucket_size, and again in a "
+               "recomputed forward (its pre-forward hooks fire there too); gradients reduce-scattered in the "
+               "16-bit dtype; reduce_bucket_size 5e8; overlap 0.5 assumed (prefetch is partial)"),
     Framework(
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1), interleaved=False,
+        dp_bucket_bytes=50e6, grad_bytes=4.0, zero_stages=(0, 1), interleaved=False,
         kernel_efficiency=1.1, prior=0.90,
         source="nanotron: optimizer.zero_stage 0 or 1 (ZeroDistributedOptimizer), pipeline engines afab and 1f1b (no interleaving); nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
+               "gradients accumulated and all-reduced in fp32: its scaling-benchmark launcher sets "
+               "optimizer.accumulate_grad_in_fp32=True, and with it the DDP communication hook reduces the "
+               "fp32 accumulation buffers (25 MB buckets counted on the bf16 gradients: 50 MB of fp32); "
                "kernel_efficiency fitted by benchmarks/accuracy.py on the 4 Ultra-Scale Playbook runs (the only "
                "nanotron source: left out in cross-validation, it falls back to the prior)"),
 )}
@@ -126,6 +136,13 @@ FRAMEWORKS["megatron_2023"] = replace(
            "(ZeRO-3) in 2025, so runs of 2021-2023 could use neither; its arguments.py asserted num_layers "
            "divisible by the pipeline size and, interleaved, by num_layers_per_virtual_pipeline_stage (uneven "
            "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024)")
+FRAMEWORKS["deepspeed_2021"] = replace(
+    FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0,
+    description="DeepSpeed of 2021 (v0.3-0.5: SC'21's ZeRO-3 baseline): stage-3 parameter fetches not overlapped",
+    source="as deepspeed; its 2021 stage-3 fetch (runtime/zero/partition_parameters.py _allgather_param) "
+           "synchronized the device before each submodule's all-gather and prefetched at most "
+           "stage3_prefetch_bucket_size (5e6) elements, so the gathers ran exposed; overlapped prefetch came "
+           "with the partitioned_param_coordinator rewrite of 2022")
 FRAMEWORKS["torch_fsdp"] = replace(
     FRAMEWORKS["torch"], name="torch_fsdp", kernels="torch", zero_stages=(0, 2, 3), dims=(), interleaved=False,
     description="PyTorch FSDP (v1) data parallelism only: NO_SHARD, SHARD_GRAD_OP or FULL_SHARD (MosaicML "

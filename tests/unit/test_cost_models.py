@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autoshard.cost_models import communication as comm
@@ -308,6 +310,35 @@ def test_zero3_gathers_per_linear_pay_more_latency():
     per = {fw: estimate(graph, layout, Training(global_batch=256, seq_len=64, framework=fw), PROFILE)
            for fw in ("torch", "deepspeed")}
     assert per["deepspeed"].time_breakdown["zero3_exposed"] > per["torch"].time_breakdown["zero3_exposed"]
+
+
+def test_deepspeed_zero3_traffic_by_hand():
+    """DeepSpeed stage 3, per linear of a block: forward gather, backward gather, a third gather when the
+    block's forward is recomputed (its fetch hooks fire again), and a 16-bit gradient reduce-scatter; FSDP2
+    reduces in fp32 and gathers a recomputed block once for recompute and backward. DeepSpeed of 2021 hides
+    none of it (deepspeed_2021: zero3_overlap 0)."""
+    from autoshard.cost_models import estimate as est_module
+    from autoshard.cost_models.framework import get_framework
+    from autoshard.cost_models.work import model_work
+
+    graph = capture("examples/specs/tiny_llama.yaml", 1, 64)
+    layout = Layout(dp=256, zero=3)
+    block = next(w for w in model_work(graph) if w.kind == "block")
+    groups = comm.layout_groups(layout)
+    ds, torch_fw = get_framework("deepspeed"), get_framework("torch")
+    n, params = block.gemm_calls, block.dense_params
+    gather = comm.all_gather(params / n * memory.WEIGHT_BYTES, groups["dp_cp"], PROFILE)
+    reduce16 = comm.reduce_scatter(params / n * 2, groups["dp_cp"], PROFILE)
+    assert est_module._zero3_unit(block, layout, PROFILE, groups, ds) == pytest.approx(n * (2 * gather + reduce16))
+    assert est_module._zero3_unit(block, layout, PROFILE, groups, ds, regather=True) == \
+        pytest.approx(n * (3 * gather + reduce16))
+    whole = comm.all_gather(params * memory.WEIGHT_BYTES, groups["dp_cp"], PROFILE)
+    reduce32 = comm.reduce_scatter(params * 4, groups["dp_cp"], PROFILE)
+    assert est_module._zero3_unit(block, layout, PROFILE, groups, torch_fw) == pytest.approx(2 * whole + reduce32)
+    training = {fw: Training(global_batch=256, seq_len=64, framework=fw) for fw in ("deepspeed", "deepspeed_2021")}
+    full = dataclasses.replace(layout, recompute="full")
+    t = {fw: estimate(graph, full, tr, PROFILE).time_breakdown["zero3_exposed"] for fw, tr in training.items()}
+    assert t["deepspeed_2021"] > t["deepspeed"]  # nothing hidden under the compute
 
 
 def test_megatron_keeps_fp32_gradients_6_plus_12_over_d_bytes():
