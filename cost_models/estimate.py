@@ -305,13 +305,26 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
         for kind, value in priced.items():
             out[kind] += n * value
     if layout.pp > 1:
-        boundary = tokens / layout.cp * hidden * ACT_BYTES / (layout.tp if layout.sp else 1)
-        out["pp_comm"] = 2 * stage.chunks * comm.p2p(boundary, groups["pp"], profile)
+        out["pp_comm"] = 2 * stage.chunks * _pp_send(tokens / layout.cp * hidden * ACT_BYTES, layout, profile,
+                                                     groups, fw)
     if layout.zero == 3:
         exposed = _zero3_exposed(stage, layout, profile, groups, out["compute"] + out["recompute"], fw)
         # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
         out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
     return out
+
+
+def _pp_send(boundary: float, layout: Layout, profile: Profile, groups: dict[str, comm.Group],
+             fw: Framework) -> float:
+    """One activation (or its gradient) sent to the next stage. Under sequence parallelism each TP rank holds
+    and sends 1/tp of it. Without it, Megatron-LM's scatter/gather (Narayanan et al. SC'21 Sec. 4.1) still
+    sends 1/tp per rank over its own NIC and all-gathers the whole over NVLink on the receiving stage;
+    otherwise every TP rank sends the whole tensor."""
+    if layout.sp:
+        return comm.p2p(boundary / layout.tp, groups["pp"], profile)
+    if fw.pp_scatter_gather and layout.tp > 1:
+        return comm.p2p(boundary / layout.tp, groups["pp"], profile) + comm.all_gather(boundary, groups["tp"], profile)
+    return comm.p2p(boundary, groups["pp"], profile)
 
 
 def _cost_key(w: UnitWork) -> tuple | int:
@@ -448,9 +461,9 @@ def _data_parallel(stage: _Stage, part: dict[str, float], layout: Layout, profil
     t_grad = t_gather = 0.0
     if layout.zero < 3:
         for params, group in shards:
-            # one collective per gradient bucket, each with its ring latency (framework.dp_bucket_bytes)
+            # one collective per gradient bucket, each with its ring latency (Framework.bucket_bytes)
             nbytes = params * grad_bytes
-            buckets = max(1, math.ceil(nbytes / fw.dp_bucket_bytes))
+            buckets = max(1, math.ceil(nbytes / fw.bucket_bytes(group.size, grad_bytes)))
             if layout.zero == 0:
                 t_grad += buckets * comm.all_reduce(nbytes / buckets, group, profile)
             else:

@@ -39,6 +39,11 @@ class Framework:
     fire again in the recomputed forward; FSDP2 gathers a block once for its recompute and backward)."""
     dp_bucket_bytes: float
     """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
+    dp_bucket_params: float = 0.0
+    dp_bucket_params_per_rank: float = 0.0
+    """When dp_bucket_params is set, a bucket holds max(dp_bucket_params, this x the ranks reducing)
+    parameters, whatever the gradient dtype (Megatron-Core's default: max(40M, 1M x dp x cp) parameters, so
+    large DP stays bandwidth-bound), instead of dp_bucket_bytes."""
     grad_bytes: float
     """Bytes per parameter of the gradient buffer that accumulates micro-batches and is reduced over DP
     (ZeRO 0-2): 2 for 16-bit buffers, 4 for fp32 (Megatron's main_grad with bf16)."""
@@ -59,6 +64,10 @@ class Framework:
     tp_bwd_overlap: bool = False
     """The column-parallel linears' backward collectives (input all-gather for wgrad, dgrad reduce-scatter
     or all-reduce) run asynchronously under their dgrad/wgrad GEMMs (Megatron-Core's and TE's linears)."""
+    pp_scatter_gather: bool = False
+    """Without sequence parallelism, each TP rank sends 1/tp of a pipeline boundary tensor and the receiving
+    stage all-gathers it over NVLink (Megatron-LM's scatter/gather, SC'21 Sec. 4.1, on by default until
+    Megatron-Core)."""
     zero_with_pp: int = 3
     """The highest ZeRO stage it combines with pipeline parallelism."""
     even_stages: bool = False
@@ -72,6 +81,12 @@ class Framework:
     version, a subset of its parallelisms) shares its parent's; empty means its own name."""
     prior: float
     source: str
+
+    def bucket_bytes(self, ranks: int, grad_bytes: float) -> float:
+        """Bytes of one gradient bucket reduced over `ranks` ranks in `grad_bytes`-byte elements."""
+        if not self.dp_bucket_params:
+            return self.dp_bucket_bytes
+        return max(self.dp_bucket_params, self.dp_bucket_params_per_rank * ranks) * grad_bytes
 
 
 FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
@@ -94,14 +109,15 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
-        dp_bucket_bytes=2 * 40e6, grad_bytes=4.0, zero_stages=(0, 1, 3), interleaved=True, tp_bwd_overlap=True,
+        dp_bucket_bytes=0.0, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, grad_bytes=4.0, zero_stages=(0, 1, 3),
+        interleaved=True, tp_bwd_overlap=True,
         kernel_efficiency=1.0, prior=1.0,
         source="Megatron-Core: DDP, distributed optimizer (ZeRO-1) or Megatron-FSDP (ZeRO-3), no ZeRO-2; "
                "LinearWithGradAccumulationAndAsyncCommunication (and TE's Linear) launch the backward input "
                "all-gather before the dgrad GEMM and the dgrad reduce-scatter before the wgrad GEMM; "
                "selective = core attention (Korthikanti Sec. 5); vocab-parallel cross-entropy "
                "keeps the 16-bit logits and works on an fp32 copy in place (about 2 + 4 bytes); DDP buckets "
-               "of max(40M, 1M x dp) parameters; fp32 gradient buffers reduced in fp32: Megatron-LM's "
+               "of max(40M, 1M x dp) parameters (distributed_data_parallel.py, bucket_size default); fp32 gradient buffers reduced in fp32: Megatron-LM's "
                "arguments.py turns accumulate_allreduce_grads_in_fp32 on for bf16, NeMo 2's and "
                "Megatron-Bridge's bf16_mixed recipes set grad_reduce_in_fp32=True (6 + 12/d bytes per "
                "parameter with the distributed optimizer); TE kernels are the efficiency reference (1 by "
@@ -129,13 +145,15 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", kernels="megatron", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True,
+    even_stages=True, pp_scatter_gather=True,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
            "(ZeRO-3) in 2025, so runs of 2021-2023 could use neither; its arguments.py asserted num_layers "
            "divisible by the pipeline size and, interleaved, by num_layers_per_virtual_pipeline_stage (uneven "
-           "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024)")
+           "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024); pipeline sends "
+           "scattered over the TP ranks and gathered on NVLink (scatter_gather_tensors_in_pipeline, on by "
+           "default; SC'21 Sec. 4.1)")
 FRAMEWORKS["deepspeed_2021"] = replace(
     FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0,
     description="DeepSpeed of 2021 (v0.3-0.5: SC'21's ZeRO-3 baseline): stage-3 parameter fetches not overlapped",

@@ -341,6 +341,39 @@ def test_deepspeed_zero3_traffic_by_hand():
     assert t["deepspeed_2021"] > t["deepspeed"]  # nothing hidden under the compute
 
 
+def test_gradient_buckets_by_framework():
+    """Megatron-Core's default bucket is max(40M, 1M x dp) parameters (distributed_data_parallel.py), in the
+    gradient dtype: 160 MB of fp32 up to dp 40, 192 MB at dp 48; torch DDP's bucket_cap_mb is bytes."""
+    from autoshard.cost_models.framework import get_framework
+
+    megatron = get_framework("megatron")
+    assert megatron.bucket_bytes(8, 4.0) == 40e6 * 4
+    assert megatron.bucket_bytes(48, 4.0) == 48e6 * 4
+    assert megatron.bucket_bytes(48, 2.0) == 48e6 * 2
+    assert get_framework("torch").bucket_bytes(48, 2.0) == 25e6
+
+
+def test_pipeline_scatter_gather_by_hand():
+    """Megatron-LM 2021-23 without sequence parallelism sends 1/tp of a boundary per TP rank and all-gathers
+    it over NVLink (SC'21 Sec. 4.1); Megatron-Core and torch send it whole; with SP every framework sends
+    1/tp."""
+    from autoshard.cost_models import estimate as est_module
+    from autoshard.cost_models.framework import get_framework
+
+    layout = Layout(tp=8, pp=4, dp=2, sequence_parallel=False)
+    groups = comm.layout_groups(layout)
+    boundary = 2048 * 12288 * 2.0  # one sequence of GPT-3 175B, bf16
+    send = est_module._pp_send
+    assert send(boundary, layout, PROFILE, groups, get_framework("megatron_2023")) == pytest.approx(
+        comm.p2p(boundary / 8, groups["pp"], PROFILE) + comm.all_gather(boundary, groups["tp"], PROFILE))
+    assert send(boundary, layout, PROFILE, groups, get_framework("megatron")) == \
+        pytest.approx(comm.p2p(boundary, groups["pp"], PROFILE))
+    sp = dataclasses.replace(layout, sequence_parallel=True)
+    for fw in ("megatron_2023", "torch"):
+        assert send(boundary, sp, PROFILE, groups, get_framework(fw)) == \
+            pytest.approx(comm.p2p(boundary / 8, groups["pp"], PROFILE))
+
+
 def test_megatron_keeps_fp32_gradients_6_plus_12_over_d_bytes():
     """Megatron with bf16 accumulates and reduces gradients in fp32 (Megatron-LM arguments.py forces
     accumulate_allreduce_grads_in_fp32; NeMo/Megatron-Bridge bf16_mixed set grad_reduce_in_fp32): with the
