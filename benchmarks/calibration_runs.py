@@ -47,6 +47,8 @@ Rules
      recipes, "selective" for the Megatron-Core H100 README, else "none".
    * sequence_parallel: `parallel.sequence_parallel`; null -> True when tp > 1 (False when tp == 1, where
      it has no effect).
+   * async_tp: `parallel.async_tp`, or the notes name `--tp-comm-overlap` or "comm overlap" (MegaScale's own
+     system: TP/SP collectives fused with the GEMMs, its Sec. 3.2), with tp > 1.
 3. Training. global_batch = `global_batch_sequences`, else global_batch_tokens / seq_len (skipped when
    neither gives a whole number); precision "fp8" when the text mentions FP8 / MXFP8 / Float8
    (case-insensitive), else "bf16" (a null or "mixed (16-bit)" text is recorded as an assumption).
@@ -417,7 +419,12 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
         if tp > 1:
             notes.append("sequence_parallel=true: not stated; assumed on with tp > 1 (usual in Megatron-Core/NeMo "
                          "recipes; nanotron's default REDUCE_SCATTER TP mode)")
-    async_tp = bool(par.get("async_tp")) or "--tp-comm-overlap" in str(entry.get("notes", ""))
+    text = str(entry.get("notes", ""))
+    async_tp = bool(par.get("async_tp")) or "--tp-comm-overlap" in text
+    if not async_tp and tp > 1 and "comm overlap" in text:
+        async_tp = True
+        notes.append("async_tp=true: the notes name communication overlap (MegaScale, Jiang et al. NSDI'24 Sec. 3.2: "
+                     "TP/SP all-gather and reduce-scatter fused with the linears' GEMMs, in chunks)")
     try:
         return Layout(
             tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp=dp, zero=_zero(entry, notes), mbs=mbs,
