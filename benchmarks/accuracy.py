@@ -278,6 +278,22 @@ def write_profiles(fitted: dict[str, float], cases: list[Case]) -> None:
                 "shared; leave-one-group-out error in docs/accuracy.md")
         text = re.sub(r'(\n  fitted_on: )[^\n]+', lambda m, note=note: f'{m.group(1)}"{note}"', text)
         path.write_text(text)
+    write_kernel_efficiencies(fitted)
+
+
+def write_kernel_efficiencies(fitted: dict[str, float]) -> None:
+    """Replace each fitted framework's `kernel_efficiency=` in cost_models/framework.py (the first one after
+    its `name="..."`)."""
+    import re
+
+    path = ROOT / "cost_models" / "framework.py"
+    text = path.read_text()
+    for key, value in fitted.items():
+        if key.startswith("fw:") and key.endswith(f":{FRAMEWORK_KEY}"):
+            name = key.split(":")[1]
+            text = re.sub(rf'(name="{name}",.*?kernel_efficiency=)[0-9.]+', rf"\g<1>{value:.3g}", text, count=1,
+                          flags=re.S)
+    path.write_text(text)
 
 
 def render(rows, fitted, prior, skipped, seconds) -> str:

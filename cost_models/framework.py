@@ -144,8 +144,8 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
                "nanotron source: left out in cross-validation, it falls back to the prior)"),
 )}
 FRAMEWORKS["megatron_2023"] = replace(
-    FRAMEWORKS["megatron"], name="megatron_2023", kernels="megatron", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True, pp_scatter_gather=True,
+    FRAMEWORKS["megatron"], name="megatron_2023", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
+    even_stages=True, pp_scatter_gather=True, kernel_efficiency=0.9, prior=0.9,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
@@ -153,7 +153,8 @@ FRAMEWORKS["megatron_2023"] = replace(
            "divisible by the pipeline size and, interleaved, by num_layers_per_virtual_pipeline_stage (uneven "
            "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024); pipeline sends "
            "scattered over the TP ranks and gathered on NVLink (scatter_gather_tensors_in_pipeline, on by "
-           "default; SC'21 Sec. 4.1)")
+           "default; SC'21 Sec. 4.1); kernels of their own, fitted: apex's fused kernels and cuBLAS GEMMs before "
+           "Transformer Engine (prior 0.9, as the other non-TE stacks)")
 FRAMEWORKS["deepspeed_2021"] = replace(
     FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0,
     description="DeepSpeed of 2021 (v0.3-0.5: SC'21's ZeRO-3 baseline): stage-3 parameter fetches not overlapped",
