@@ -147,9 +147,10 @@ def log_error(case: Case, coeffs: dict[str, float]) -> float:
     return math.log(predict(case, coeffs)[0] / case.run.tokens_per_sec_per_gpu)
 
 
-def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int = 9) -> dict[str, float]:
+def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int = 9,
+        frozen: tuple[str, ...] = ()) -> dict[str, float]:
     """Coordinate descent on the mean absolute log error (robust to the few runs no layout-level model
-    explains), each coordinate over a shrinking geometric grid."""
+    explains), each coordinate over a shrinking geometric grid; `frozen` keys keep their start (prior)."""
     coeffs = dict(start)
     families = {c.profile.family for c in cases}
     keys = [f"{f}:{k}" for f in sorted(families) for k in FAMILY_KEYS] + list(GLOBAL_KEYS)
@@ -159,6 +160,7 @@ def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int
         runs_per_fw[family] = runs_per_fw.get(family, 0) + 1
     keys += [f"fw:{f}:{FRAMEWORK_KEY}" for f, n in sorted(runs_per_fw.items())
              if n >= MIN_FRAMEWORK_RUNS and f != "megatron"]
+    keys = [k for k in keys if k.split(":")[-1] not in frozen]
 
     def loss(cf: dict[str, float]) -> float:
         return statistics.fmean(abs(log_error(c, cf)) for c in cases)
@@ -214,6 +216,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="write the report (markdown) to this file")
     parser.add_argument("--no-cv", action="store_true", help="skip cross-validation (fit on all runs only)")
+    parser.add_argument("--freeze", nargs="*", default=[], choices=GLOBAL_KEYS,
+                        help="global coefficients kept at their prior (not fitted)")
     parser.add_argument("--write-profiles", action="store_true",
                         help="store the all-runs fit in hardware_profiles/*.yaml (fitted section)")
     args = parser.parse_args()
@@ -229,13 +233,13 @@ def main() -> None:
             skipped.append((run.id, f"capture/estimate failed: {type(exc).__name__}: {exc}"))
     print(f"{len(cases)} runs captured in {time.perf_counter() - t0:.0f} s; {len(skipped)} skipped", file=sys.stderr)
     prior = initial(cases)
-    fitted = fit(cases, prior)
+    fitted = fit(cases, prior, frozen=tuple(args.freeze))
     rows = []
     cv_pred: dict[str, float] = {}
     if not args.no_cv:
         for group in sorted({c.run.group for c in cases}):
             train = [c for c in cases if c.run.group != group]
-            coeffs = fit(train, prior)
+            coeffs = fit(train, prior, frozen=tuple(args.freeze))
             for c in cases:
                 if c.run.group == group:
                     cv_pred[c.run.id] = predict(c, coeffs)[0]
@@ -248,10 +252,10 @@ def main() -> None:
     if args.write:
         args.write.write_text(report)
     if args.write_profiles:
-        write_profiles(fitted, cases)
+        write_profiles(fitted, cases, tuple(args.freeze))
 
 
-def write_profiles(fitted: dict[str, float], cases: list[Case]) -> None:
+def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[str, ...] = ()) -> None:
     """Replace the fitted coefficients in every GPU profile YAML of a fitted family (text edit: the
     comments and sources stay)."""
     import re
@@ -271,8 +275,10 @@ def write_profiles(fitted: dict[str, float], cases: list[Case]) -> None:
         for key in (*FAMILY_KEYS, *GLOBAL_KEYS):
             field = "collective_efficiency_inter" if key == "network_scale" else key
             text = re.sub(rf"(\n  {field}:\n    value: )[^\n]+", rf"\g<1>{getattr(new, field):.4g}", text)
-            text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n    source: )"(?:fitted [^"]*?; prior: |prior: )?',
-                          r'\g<1>"fitted by benchmarks/accuracy.py on the calibration runs; prior: ', text)
+            said = "prior, not fitted (accuracy.py --freeze): " if key in frozen else \
+                "fitted by benchmarks/accuracy.py on the calibration runs; prior: "
+            text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n    source: )"(?:fitted [^"]*?; prior: |prior, not fitted [^:]*: |prior: )?',
+                          rf'\g<1>"{said}', text)
         note = (f"benchmarks/accuracy.py on calibration/published_runs_dev.yaml: {len(cases)} runs "
                 f"({counts[profile.family]} of family {profile.family}); GEMM efficiency per family, the rest "
                 "shared; leave-one-group-out error in docs/accuracy.md")

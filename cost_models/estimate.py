@@ -442,7 +442,7 @@ def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str,
     """One unit's ZeRO-3 traffic per micro-batch: gathers forward and backward (and for the recomputed
     forward when `regather`), gradient reduce-scatter."""
     t = 0.0
-    calls = w.gemm_calls if fw.zero3_gather == "linear" and w.kind == "block" else 1
+    calls = {"linear": w.gemm_calls if w.kind == "block" else 1, "tensor": w.param_tensors}.get(fw.zero3_gather, 1)
     gathers = 3 if regather else 2
     dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
     for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):

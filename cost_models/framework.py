@@ -27,8 +27,9 @@ class Framework:
     logit_bytes: float
     """Bytes per logit at the loss's backward peak."""
     zero3_gather: str
-    """ZeRO-3 parameter gathers: "block" (FSDP2 units, one per transformer block, prefetched) or "linear"
-    (DeepSpeed ZeRO-3 fetches each submodule's parameters)."""
+    """ZeRO-3 parameter gathers: "block" (FSDP2 units, one per transformer block, prefetched), "linear"
+    (DeepSpeed ZeRO-3 fetches each submodule's parameters) or "tensor" (one all-gather per parameter
+    tensor: DeepSpeed of 2021)."""
     zero3_overlap: float
     """Fraction of the ZeRO-3 traffic that can hide under compute (prefetch)."""
     zero3_reduce_bytes: float = 4.0
@@ -156,12 +157,13 @@ FRAMEWORKS["megatron_2023"] = replace(
            "default; SC'21 Sec. 4.1); kernels of their own, fitted: apex's fused kernels and cuBLAS GEMMs before "
            "Transformer Engine (prior 0.9, as the other non-TE stacks)")
 FRAMEWORKS["deepspeed_2021"] = replace(
-    FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0,
+    FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0, zero3_gather="tensor",
     description="DeepSpeed of 2021 (v0.3-0.5: SC'21's ZeRO-3 baseline): stage-3 parameter fetches not overlapped",
     source="as deepspeed; its 2021 stage-3 fetch (runtime/zero/partition_parameters.py _allgather_param) "
-           "synchronized the device before each submodule's all-gather and prefetched at most "
-           "stage3_prefetch_bucket_size (5e6) elements, so the gathers ran exposed; overlapped prefetch came "
-           "with the partitioned_param_coordinator rewrite of 2022")
+           "synchronized the device before each submodule's all-gather, issued one all-gather per parameter "
+           "tensor (weights, biases and norm scales alike) and prefetched at most stage3_prefetch_bucket_size "
+           "(5e6) elements, so the gathers ran exposed; coalesced, overlapped prefetch came with the "
+           "partitioned_param_coordinator rewrite of 2022")
 FRAMEWORKS["torch_fsdp"] = replace(
     FRAMEWORKS["torch"], name="torch_fsdp", kernels="torch", zero_stages=(0, 2, 3), dims=(), interleaved=False,
     description="PyTorch FSDP (v1) data parallelism only: NO_SHARD, SHARD_GRAD_OP or FULL_SHARD (MosaicML "

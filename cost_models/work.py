@@ -34,6 +34,8 @@ class UnitWork:
     """Forward FLOPs of dense linears (attention, MLP, router, shared experts, head)."""
     gemm_calls: int
     """Dense GEMM launches per forward, to size the average GEMM (small GEMMs run below peak)."""
+    param_tensors: int = 1
+    """Parameter tensors (weights, biases, norm scales): DeepSpeed of 2021 gathered each on its own."""
     attn_flops: float
     """Forward FLOPs of the causal attention core under a fused kernel."""
     act_bytes: float
@@ -91,6 +93,7 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         kind=unit.kind,
         gemm_flops=(unit.fwd_flops - core_flops) / tokens - expert_flops,
         gemm_calls=_gemm_calls(unit),
+        param_tensors=max(1, unit.param_tensors),
         attn_flops=core_flops / 2 / tokens,
         act_bytes=(unit.saved_bytes - core_measured + core_fused - norm_measured + norm_fused) / tokens,
         core_bytes=core_fused / tokens,

@@ -97,6 +97,8 @@ class Unit:
     params: int
     param_bytes: dict[str, int]
     """Bytes of this unit's own parameters by dtype name, as the model declares them."""
+    param_tensors: int = 0
+    """Parameter tensors of the built module (a spec's MoE block builds one expert of its routed experts)."""
     fwd_flops: int
     bwd_flops: int
     saved_bytes: int

@@ -533,6 +533,7 @@ def _unit(module: nn.Module, name: str, layout: _Layout, m: _Measured, vocab: in
         signature=structure.signature(mod),
         params=structure.param_count(mod),
         param_bytes=_param_bytes(mod),
+        param_tensors=sum(1 for _ in mod.parameters()),
         fwd_flops=sum(v[0] for v in flops_by_op.values()),
         bwd_flops=sum(v[1] for v in flops_by_op.values()),
         saved_bytes=sum(saved_by_op.values()),

@@ -316,10 +316,12 @@ def test_deepspeed_zero3_traffic_by_hand():
     """DeepSpeed stage 3, per linear of a block: forward gather, backward gather, a third gather when the
     block's forward is recomputed (its fetch hooks fire again), and a 16-bit gradient reduce-scatter; FSDP2
     reduces in fp32 and gathers a recomputed block once for recompute and backward. DeepSpeed of 2021 hides
-    none of it (deepspeed_2021: zero3_overlap 0)."""
+    none of it (deepspeed_2021: zero3_overlap 0) and gathered each parameter tensor on its own."""
     from autoshard.cost_models import estimate as est_module
     from autoshard.cost_models.framework import get_framework
     from autoshard.cost_models.work import model_work
+    from autoshard.planner.capture.loading import load_model
+    from autoshard.planner.capture.reference_model import build_reference_model
 
     graph = capture("examples/specs/tiny_llama.yaml", 1, 64)
     layout = Layout(dp=256, zero=3)
@@ -335,6 +337,13 @@ def test_deepspeed_zero3_traffic_by_hand():
     whole = comm.all_gather(params * memory.WEIGHT_BYTES, groups["dp_cp"], PROFILE)
     reduce32 = comm.reduce_scatter(params * 4, groups["dp_cp"], PROFILE)
     assert est_module._zero3_unit(block, layout, PROFILE, groups, torch_fw) == pytest.approx(2 * whole + reduce32)
+    ds2021 = get_framework("deepspeed_2021")  # one all-gather per parameter tensor: weights, biases, norm scales
+    block_module = build_reference_model(load_model("examples/specs/tiny_llama.yaml").spec).layers[0]
+    assert block.param_tensors == len(list(block_module.parameters())) > n
+    k = block.param_tensors
+    assert est_module._zero3_unit(block, layout, PROFILE, groups, ds2021) == pytest.approx(
+        k * 2 * comm.all_gather(params / k * memory.WEIGHT_BYTES, groups["dp_cp"], PROFILE)
+        + k * comm.reduce_scatter(params / k * 2, groups["dp_cp"], PROFILE))
     training = {fw: Training(global_batch=256, seq_len=64, framework=fw) for fw in ("deepspeed", "deepspeed_2021")}
     full = dataclasses.replace(layout, recompute="full")
     t = {fw: estimate(graph, full, tr, PROFILE).time_breakdown["zero3_exposed"] for fw, tr in training.items()}
