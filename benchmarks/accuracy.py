@@ -275,9 +275,9 @@ def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[st
         for key in (*FAMILY_KEYS, *GLOBAL_KEYS):
             field = "collective_efficiency_inter" if key == "network_scale" else key
             text = re.sub(rf"(\n  {field}:\n    value: )[^\n]+", rf"\g<1>{getattr(new, field):.4g}", text)
-            said = "prior, not fitted (accuracy.py --freeze): " if key in frozen else \
+            said = f"prior, not fitted (benchmarks/accuracy.py --freeze {key}): " if key in frozen else \
                 "fitted by benchmarks/accuracy.py on the calibration runs; prior: "
-            text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n    source: )"(?:fitted [^"]*?; prior: |prior, not fitted [^:]*: |prior: )?',
+            text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n(?:    prior: [^\n]+\n)?    source: )"(?:fitted [^"]*?; prior: |prior, not fitted \([^)]*\): |prior: )?',
                           rf'\g<1>"{said}', text)
         note = (f"benchmarks/accuracy.py on calibration/published_runs_dev.yaml: {len(cases)} runs "
                 f"({counts[profile.family]} of family {profile.family}); GEMM efficiency per family, the rest "

@@ -6,9 +6,11 @@ many bytes a logit costs at the loss, how ZeRO-3 gathers parameters, how gradien
 fitted coefficient, `kernel_efficiency`: the fraction of the hardware profile's GEMM/attention efficiency its
 kernels reach (fused TE kernels = 1 by definition). It is fitted per framework on the calibration runs by
 benchmarks/accuracy.py and cross-validated leaving one source family out; `prior` is the value before any fit.
-Only frameworks with at least 3 calibration runs are fitted (accuracy.MIN_FRAMEWORK_RUNS); today that moves
-nanotron alone: torchtitan's coefficient is degenerate with the GEMM efficiency of its 500 W H100s (no other
-source uses them), DeepSpeed and plain torch have 1 and 2 runs.
+Only frameworks with at least 3 calibration runs are fitted (accuracy.MIN_FRAMEWORK_RUNS): megatron_2023
+(Megatron-LM before Transformer Engine, 12 runs over three sources, 0.79) and nanotron (0.83);
+torchtitan's stays at its prior, degenerate with the GEMM efficiency of its 500 W H100s (no other source
+uses them); DeepSpeed and plain torch have 1 and 2 runs. `accuracy.py --write-profiles` writes the fitted
+values here.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="torch", cp_comm="ring", cp_allgather="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=True,
-        kernel_efficiency=0.90, prior=0.90,
+        kernel_efficiency=0.9, prior=0.90,
         source="transforms/dp.py (ZeRO 0-3), transforms/pp.py (torch schedules); transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
                "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
                "unfused, about 10% below TE (assumed until fitted)"),
@@ -103,7 +105,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="torchtitan", cp_comm="allgather", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
         selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 2, 3), interleaved=True,
-        kernel_efficiency=0.90, prior=0.90,
+        kernel_efficiency=0.9, prior=0.90,
         source="torchtitan: DDP or FSDP2, fully sharded (ZeRO-3) or with fsdp_reshard_after_forward=never (ZeRO-2), no sharded-optimizer-only mode; torch pipelining schedules incl. interleaved; distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
                "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
                "(torchtitan's cross_entropy_loss)"),
@@ -127,7 +129,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="deepspeed", cp_comm="ring", description="DeepSpeed ZeRO (stage 3 fetches parameters per submodule)",
         selective="attention", logit_bytes=14.0, zero3_gather="linear", zero3_overlap=0.5,
         dp_bucket_bytes=5e8, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=False, zero_with_pp=1,
-        zero3_reduce_bytes=2.0, zero3_regather=True, dims=("tp", "pp", "ep"), kernel_efficiency=0.90, prior=0.90,
+        zero3_reduce_bytes=2.0, zero3_regather=True, dims=("tp", "pp", "ep"), kernel_efficiency=0.9, prior=0.90,
         source="DeepSpeed with Megatron-style TP (Megatron-DeepSpeed); no ring context parallelism (its Ulysses sequence parallelism is an all-to-all scheme this model does not price); DeepSpeed PipelineEngine: 1F1B only, ZeRO-2/3 refused with pipeline parallelism (runtime/pipe/engine.py asserts zero stage < 2); ZeRO-3 (runtime/zero/partitioned_param_coordinator.py) gathers each submodule's "
                "parameters before it runs, prefetching within stage3_prefetch_bucket_size, and again in a "
                "recomputed forward (its pre-forward hooks fire there too); gradients reduce-scattered in the "
@@ -136,7 +138,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=50e6, grad_bytes=4.0, zero_stages=(0, 1), interleaved=False,
-        kernel_efficiency=1.1, prior=0.90,
+        kernel_efficiency=0.825, prior=0.90,
         source="nanotron: optimizer.zero_stage 0 or 1 (ZeroDistributedOptimizer), pipeline engines afab and 1f1b (no interleaving); nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
                "gradients accumulated and all-reduced in fp32: its scaling-benchmark launcher sets "
                "optimizer.accumulate_grad_in_fp32=True, and with it the DDP communication hook reduces the "
@@ -146,7 +148,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True, pp_scatter_gather=True, kernel_efficiency=0.9, prior=0.9,
+    even_stages=True, pp_scatter_gather=True, kernel_efficiency=0.79, prior=0.9,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
