@@ -274,7 +274,7 @@ def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[st
         text = path.read_text()
         for key in (*FAMILY_KEYS, *GLOBAL_KEYS):
             field = "collective_efficiency_inter" if key == "network_scale" else key
-            text = re.sub(rf"(\n  {field}:\n    value: )[^\n]+", rf"\g<1>{getattr(new, field):.4g}", text)
+            text = re.sub(rf"(\n  {field}:\n    value: )[^\n]+", rf"\g<1>{yaml_number(getattr(new, field))}", text)
             said = f"prior, not fitted (benchmarks/accuracy.py --freeze {key}): " if key in frozen else \
                 "fitted by benchmarks/accuracy.py on the calibration runs; prior: "
             text = re.sub(rf'(\n  {field}:\n    value: [^\n]+\n(?:    prior: [^\n]+\n)?    source: )"(?:fitted [^"]*?; prior: |prior, not fitted \([^)]*\): |prior: )?',
@@ -285,6 +285,14 @@ def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[st
         text = re.sub(r'(\n  fitted_on: )[^\n]+', lambda m, note=note: f'{m.group(1)}"{note}"', text)
         path.write_text(text)
     write_kernel_efficiencies(fitted)
+
+
+def yaml_number(value: float) -> str:
+    """4 significant digits that YAML reads as a number: PyYAML (YAML 1.1) takes `1e+09` for a string, so an
+    exponent gets a decimal point (`1.0e+09`)."""
+    text = f"{value:.4g}"
+    mantissa, _, exponent = text.partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if exponent else text
 
 
 def write_kernel_efficiencies(fitted: dict[str, float]) -> None:
