@@ -178,7 +178,8 @@ def calibrate(*, profile_out: str | Path, base: str = "cpu_gloo", quick: bool = 
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    owned = world > 1 and not dist.is_initialized()  # a group we start, we also end
+    if owned:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     sizes = QUICK if quick else (FULL_GPU if device.type == "cuda" else FULL_CPU)
@@ -199,6 +200,8 @@ def calibrate(*, profile_out: str | Path, base: str = "cpu_gloo", quick: bool = 
         load_profile(profile_out)  # the file must load with the loader the planner uses
     if world > 1:
         dist.barrier()
+    if owned:  # gloo's threads alive at interpreter teardown can abort the process ("terminate called without
+        dist.destroy_process_group()  # an active exception", exit -6), as seen once in CI
     return data
 
 
