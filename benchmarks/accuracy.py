@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 import pickle
+import re
 import statistics
 import sys
 import time
@@ -258,8 +259,6 @@ def main() -> None:
 def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[str, ...] = ()) -> None:
     """Replace the fitted coefficients in every GPU profile YAML of a fitted family (text edit: the
     comments and sources stay)."""
-    import re
-
     from autoshard.hardware_profiles import HERE, profile_names
 
     counts: dict[str, int] = {}
@@ -298,8 +297,6 @@ def yaml_number(value: float) -> str:
 def write_kernel_efficiencies(fitted: dict[str, float]) -> None:
     """Replace each fitted framework's `kernel_efficiency=` in cost_models/framework.py (the first one after
     its `name="..."`)."""
-    import re
-
     path = ROOT / "cost_models" / "framework.py"
     text = path.read_text()
     for key, value in fitted.items():

@@ -320,11 +320,9 @@ def _pp_send(boundary: float, layout: Layout, profile: Profile, groups: dict[str
     and sends 1/tp of it. Without it, Megatron-LM's scatter/gather (Narayanan et al. SC'21 Sec. 4.1) still
     sends 1/tp per rank over its own NIC and all-gathers the whole over NVLink on the receiving stage;
     otherwise every TP rank sends the whole tensor."""
-    if layout.sp:
-        return comm.p2p(boundary / layout.tp, groups["pp"], profile)
-    if fw.pp_scatter_gather and layout.tp > 1:
-        return comm.p2p(boundary / layout.tp, groups["pp"], profile) + comm.all_gather(boundary, groups["tp"], profile)
-    return comm.p2p(boundary, groups["pp"], profile)
+    gather = not layout.sp and fw.pp_scatter_gather and layout.tp > 1
+    send = comm.p2p(boundary / layout.tp if layout.sp or gather else boundary, groups["pp"], profile)
+    return send + (comm.all_gather(boundary, groups["tp"], profile) if gather else 0.0)
 
 
 def _cost_key(w: UnitWork) -> tuple | int:
@@ -442,7 +440,11 @@ def _zero3_unit(w: UnitWork, layout: Layout, profile: Profile, groups: dict[str,
     """One unit's ZeRO-3 traffic per micro-batch: gathers forward and backward (and for the recomputed
     forward when `regather`), gradient reduce-scatter."""
     t = 0.0
-    calls = {"linear": w.gemm_calls if w.kind == "block" else 1, "tensor": w.param_tensors}.get(fw.zero3_gather, 1)
+    calls = 1  # "block": one gather per unit
+    if fw.zero3_gather == "linear" and w.kind == "block":
+        calls = w.gemm_calls
+    elif fw.zero3_gather == "tensor":
+        calls = w.param_tensors
     gathers = 3 if regather else 2
     dense, expert = w.dense_params / layout.tp, w.expert_params / (layout.tp * layout.ep)
     for params, group in ((dense, groups["dp_cp"]), (expert, groups["edp"])):
