@@ -58,7 +58,9 @@ Rules
    b. framework (cost_models/framework.py): DeepSpeed when the notes name it (SC'21's ZeRO-3 baseline:
       deepspeed_2021, DeepSpeed as it was that year);
       else by source family: Megatron-LM as of 2021-2023 (megatron_2023: no context parallelism, no
-      ZeRO-3) for SC'21, Korthikanti and MegaScale; Megatron-Core for the Megatron-Core README, NeMo and
+      ZeRO-3, data-parallel collectives after the schedule) for SC'21, Korthikanti and MegaScale's
+      Megatron-LM baseline, and its `megascale` variant (those collectives overlapped) for MegaScale's own
+      rows, whose notes name communication overlap; Megatron-Core for the Megatron-Core README, NeMo and
       Megatron-Bridge; torchtitan; PyTorch FSDP alone (torch_fsdp, through Composer) for llm-foundry;
       nanotron for the Ultra-Scale Playbook.
 4. Profile, from `hardware.gpu` and `hardware.inter_node`: GB200 -> gb200_nvl72; B200 -> b200_ib;
@@ -502,6 +504,10 @@ def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
             return "deepspeed_2021"
         return "deepspeed"
     group = entry.get("group", "")
+    if group == "megascale" and "comm overlap" in str(entry.get("notes", "")):
+        notes.append("framework=megascale: the notes name MegaScale's communication overlap (NSDI'24 Sec. 3.2: "
+                     "data-parallel collectives under the first forward and last backward)")
+        return "megascale"
     if group not in _GROUP_FRAMEWORK:
         notes.append("framework=torch: the source's framework is not known; torch-native assumed")
     return _GROUP_FRAMEWORK.get(group, "torch")

@@ -472,15 +472,37 @@ def _data_parallel(stage: _Stage, part: dict[str, float], layout: Layout, profil
                 t_grad += buckets * comm.reduce_scatter(nbytes / buckets, group, profile)
                 t_gather += buckets * comm.all_gather(params * memory.WEIGHT_BYTES / buckets, group, profile)
     # gradients reduce under the last micro-batch's backward (about 2/3 of its compute); the
-    # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather).
+    # parameter all-gather under the next step's first forward (overlap_grad_reduce / _param_gather),
+    # where the framework overlaps them (Framework.dp_overlap), chunk by chunk (_overlapped).
     # ZeRO-2 cannot accumulate unreduced gradient shards: it reduce-scatters after every micro-batch.
-    last_backward, first_forward = part["compute"] * 2 / 3, part["compute"] / 3
-    reductions = m if layout.zero == 2 else 1
+    hide = part["compute"] if fw.dp_overlap else 0.0
+    last_backward, first_forward = hide * 2 / 3, hide / 3
     slow = profile.overlap_slowdown - 1  # the compute a collective hides behind runs this much slower
-    grad_exposed = reductions * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
-    gather_exposed = max(0.0, t_gather - first_forward) + slow * min(t_gather, first_forward)
+    if layout.zero == 2:
+        grad_exposed = m * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
+    else:
+        grad_exposed = _overlapped(t_grad, last_backward, stage.chunks, layout.pp, slow)
+    gather_exposed = _overlapped(t_gather, first_forward, stage.chunks, layout.pp, slow)
     sharded = sum(p / (g.size if layout.zero >= 1 else 1) for p, g in shards)
     return grad_exposed + gather_exposed, optimizer_time(sharded, profile)
+
+
+def _overlapped(comm_s: float, compute_s: float, chunks: int, pp: int, slow: float) -> float:
+    """Exposed seconds of a data-parallel collective of `comm_s` that overlaps `compute_s` of one micro-batch's
+    backward (or forward) on a stage of `chunks` model chunks.
+
+    Each chunk's share (comm_s / chunks) starts with its chunk's last backward (Megatron-Core and torch's
+    schedules sync a chunk's gradients once its last micro-batch is done; the parameter all-gather mirrors
+    this in the first forwards). Interleaved 1F1B ends with pp backward steps per chunk, chunk by chunk, so
+    the chunks start pp chunk-steps apart and the last one ends the compute. Queued one after another the
+    shares end at max(comm_s, (chunks - 1) x gap + share); the compute ends at (chunks - 1) x gap + its own
+    chunk-step. One chunk: the exposed time is comm_s less the micro-batch's compute. The compute the
+    collective runs beside is `slow` slower (Profile.overlap_slowdown)."""
+    step = compute_s / chunks  # one chunk, one micro-batch
+    gap = pp * step
+    end = (chunks - 1) * gap + step
+    exposed = max(0.0, comm_s - end, comm_s / chunks - step)
+    return exposed + slow * min(comm_s, end)
 
 
 def _stage_states(stage: _Stage, layout: Layout, grad_bytes: float) -> memory.StageMemory:

@@ -15,6 +15,7 @@ values here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -41,7 +42,14 @@ class Framework:
     """A unit recomputed in backward gathers its parameters once more (DeepSpeed's per-submodule fetch hooks
     fire again in the recomputed forward; FSDP2 gathers a block once for its recompute and backward)."""
     dp_bucket_bytes: float
-    """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients."""
+    """Gradient bucket: one reduction (with its ring latency) per this many bytes of gradients (math.inf: one
+    for the stage's whole gradient buffer)."""
+    dp_overlap: bool = True
+    """Gradient reduction runs under the last micro-batch's backward and the ZeRO-1/2 parameter all-gather
+    under the next step's first forward (torch DDP/FSDP hooks; Megatron-Core's overlap_grad_reduce and
+    overlap_param_gather). False: both run after the pipeline schedule, exposed (Megatron-LM before August
+    2023: train_step calls optimizer.reduce_model_grads after forward_backward_func and gather_model_params
+    after the step)."""
     dp_bucket_params: float = 0.0
     dp_bucket_params_per_rank: float = 0.0
     """When dp_bucket_params is set, a bucket holds max(dp_bucket_params, this x the ranks reducing)
@@ -114,7 +122,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=0.0, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, grad_bytes=4.0, zero_stages=(0, 1, 3),
         interleaved=True, tp_bwd_overlap=True,
-        kernel_efficiency=1.0, prior=1.0,
+        kernel_efficiency=1, prior=1.0,
         source="Megatron-Core: DDP, distributed optimizer (ZeRO-1) or Megatron-FSDP (ZeRO-3), no ZeRO-2; "
                "LinearWithGradAccumulationAndAsyncCommunication (and TE's Linear) launch the backward input "
                "all-gather before the dgrad GEMM and the dgrad reduce-scatter before the wgrad GEMM; "
@@ -138,7 +146,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=50e6, grad_bytes=4.0, zero_stages=(0, 1), interleaved=False,
-        kernel_efficiency=0.825, prior=0.90,
+        kernel_efficiency=0.862, prior=0.90,
         source="nanotron: optimizer.zero_stage 0 or 1 (ZeroDistributedOptimizer), pipeline engines afab and 1f1b (no interleaving); nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
                "gradients accumulated and all-reduced in fp32: its scaling-benchmark launcher sets "
                "optimizer.accumulate_grad_in_fp32=True, and with it the DDP communication hook reduces the "
@@ -148,7 +156,8 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True, pp_scatter_gather=True, kernel_efficiency=0.79, prior=0.9,
+    even_stages=True, pp_scatter_gather=True, dp_overlap=False, dp_bucket_params=0.0, dp_bucket_bytes=math.inf,
+    kernel_efficiency=0.79, prior=0.9,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
@@ -156,8 +165,20 @@ FRAMEWORKS["megatron_2023"] = replace(
            "divisible by the pipeline size and, interleaved, by num_layers_per_virtual_pipeline_stage (uneven "
            "first/last stages, decoder_first/last_pipeline_num_layers, came in 2024); pipeline sends "
            "scattered over the TP ranks and gathered on NVLink (scatter_gather_tensors_in_pipeline, on by "
-           "default; SC'21 Sec. 4.1); kernels of their own, fitted: apex's fused kernels and cuBLAS GEMMs before "
+           "default; SC'21 Sec. 4.1); data-parallel gradients reduced after the whole pipeline schedule, one "
+           "collective per gradient buffer (the local DDP's contiguous buffer: allreduce_gradients, or the "
+           "distributed optimizer's reduce_model_grads), and parameters gathered after the step "
+           "(gather_model_params), neither overlapped (--overlap-grad-reduce came in August 2023; checked at "
+           "2021-07 and at 285068c8 of January 2023, the commit MegaScale's baseline ran); kernels of their own, fitted: apex's "
+           "fused kernels and cuBLAS GEMMs before "
            "Transformer Engine (prior 0.9, as the other non-TE stacks)")
+FRAMEWORKS["megascale"] = replace(
+    FRAMEWORKS["megatron_2023"], name="megascale", kernels="megatron_2023", dp_overlap=True,
+    description="MegaScale (ByteDance, NSDI'24): Megatron-LM of 2023 with its communication overlapped",
+    source="as megatron_2023; Jiang et al. NSDI'24 Sec. 3.2: the data-parallel all-gather prefetched under the "
+           "first micro-batch's forward and the reduce-scatter run under the last one's backward (TP/SP fused "
+           "with the GEMMs is the layout's async_tp); same kernels as megatron_2023 (its fused-kernel gains "
+           "are not modelled)")
 FRAMEWORKS["deepspeed_2021"] = replace(
     FRAMEWORKS["deepspeed"], name="deepspeed_2021", kernels="deepspeed", zero3_overlap=0.0, zero3_gather="tensor",
     description="DeepSpeed of 2021 (v0.3-0.5: SC'21's ZeRO-3 baseline): stage-3 parameter fetches not overlapped",

@@ -362,6 +362,33 @@ def test_gradient_buckets_by_framework():
     assert get_framework("torch").bucket_bytes(48, 2.0) == 25e6
 
 
+def test_overlapped_dp_collective_by_hand():
+    """A data-parallel collective under the compute, chunk by chunk (estimate._overlapped).
+
+    One chunk: 1.0 s of reduce-scatter under a 0.3 s backward leaves 0.7 s. Interleaved, pp 4, 3 chunks,
+    0.3 s backward per micro-batch: a chunk-step is 0.1 s and chunks finish their last backward 0.4 s apart,
+    so the shares (1/3 s each) queue to end at max(1.0, 2 x 0.4 + 1/3) = 1.133 s after the first chunk
+    starts, and the compute ends at 2 x 0.4 + 0.1 = 0.9 s: 0.233 s exposed."""
+    from autoshard.cost_models.estimate import _overlapped
+
+    assert _overlapped(1.0, 0.3, chunks=1, pp=4, slow=0.0) == pytest.approx(0.7)
+    assert _overlapped(1.0, 0.3, chunks=3, pp=4, slow=0.0) == pytest.approx(2 * 0.4 + 1 / 3 - 0.9)
+    assert _overlapped(0.05, 0.3, chunks=1, pp=4, slow=0.1) == pytest.approx(0.1 * 0.05)  # hidden, slowing it
+    assert _overlapped(3.0, 0.3, chunks=3, pp=4, slow=0.0) == pytest.approx(3.0 - 0.9)  # bandwidth-bound
+
+
+def test_megatron_2023_reduces_gradients_after_the_schedule():
+    """Megatron-LM before August 2023 reduced gradients after forward_backward_func and gathered the
+    parameters after the step (train_step at 285068c8, MegaScale's baseline): nothing hidden, so its DP
+    term is the whole reduce-scatter + all-gather; Megatron-Core hides part of it."""
+    graph = capture("examples/specs/tiny_llama.yaml", 1, 64)
+    layout = Layout(tp=2, pp=2, dp=16, zero=1, schedule="1f1b")
+    dp = {fw: estimate(graph, layout, Training(global_batch=256, seq_len=64, framework=fw),
+                       PROFILE).time_breakdown["dp_exposed"] for fw in ("megatron", "megatron_2023", "megascale")}
+    assert dp["megatron_2023"] > dp["megascale"] > 0
+    assert dp["megatron_2023"] > dp["megatron"]
+
+
 def test_pipeline_scatter_gather_by_hand():
     """Megatron-LM 2021-23 without sequence parallelism sends 1/tp of a boundary per TP rank and all-gathers
     it over NVLink (SC'21 Sec. 4.1); Megatron-Core and torch send it whole; with SP every framework sends
