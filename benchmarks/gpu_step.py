@@ -69,6 +69,7 @@ def predict(loaded: Any, profile: Any, mbs: int, seq_len: int) -> dict[str, Pred
     from autoshard.cost_models import communication as comm
     from autoshard.cost_models import memory
     from autoshard.cost_models.estimate import estimate, unit_time
+    from autoshard.cost_models.framework import attention_ratio, get_framework
     from autoshard.cost_models.work import ACT_BYTES, model_work
     from autoshard.planner.capture.trace import capture
 
@@ -78,7 +79,8 @@ def predict(loaded: Any, profile: Any, mbs: int, seq_len: int) -> dict[str, Pred
     block = next(w for w in work if w.kind == "block")
     tokens = mbs * seq_len
     parts = unit_time(block, layout=layout, training=training, profile=profile, groups=comm.layout_groups(layout),
-                      tokens=tokens, hidden=int(block.input_bytes // ACT_BYTES), recompute="none")
+                      tokens=tokens, hidden=int(block.input_bytes // ACT_BYTES), recompute="none",
+                      attention_ratio=attention_ratio(get_framework(training.framework), profile))
     saved = memory.block_activations(block, tokens=tokens, tp=1, cp=1, sp=False, recompute="none",
                                      attention=training.attention)
     est = estimate(graph, layout, training, profile, work=work)

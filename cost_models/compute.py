@@ -58,6 +58,7 @@ def gemm_time(flops: float, calls: int, precision: str, profile: Profile, kernel
 def unit_compute(
     work: UnitWork, *, tokens: float, tp: int, cp: int, precision: str, recompute: str, profile: Profile,
     ep: int = 1, attention: str = "flash", kernel_efficiency: float = 1.0, cp_comm: str = "ring",
+    attention_ratio: float = 1.0,
 ) -> ComputeTime:
     """Forward and backward time of `work` for `tokens` tokens of one micro-batch on one GPU.
 
@@ -65,7 +66,8 @@ def unit_compute(
     queries against all keys, so causal-balanced CP divides attention FLOPs by cp too). With EP a GPU runs
     experts/ep experts, each on the tokens routed to it from the whole EP group: the same FLOPs in fewer,
     larger GEMMs (three per SwiGLU expert). `kernel_efficiency` scales GEMM and attention efficiency for the
-    framework's kernels and `cp_comm` says how its context-parallel attention runs (framework.py).
+    framework's kernels, `attention_ratio` its fused attention against the GPU's best (FlashAttention-2 on
+    Hopper: framework.attention_ratio), and `cp_comm` says how its context-parallel attention runs.
     """
     k = kernel_efficiency
     shard = tp * cp
@@ -82,7 +84,8 @@ def unit_compute(
         per_kernel = flops / cp
         if cp > 1 and cp_comm == "allgather_masked":
             flops, per_kernel = 2 * flops, 2 * flops
-        eff = k * profile.attention_efficiency * profile.gemm_efficiency_max * per_kernel / (per_kernel + profile.gemm_half_flops)
+        best = profile.attention_efficiency * profile.gemm_efficiency_max  # the GPU's best fused attention
+        eff = k * attention_ratio * best * per_kernel / (per_kernel + profile.gemm_half_flops)
         attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
     fwd = gemm_f + attn_f + elem_f

@@ -27,7 +27,7 @@ from autoshard.planner.capture.model_graph import ModelGraph
 from . import communication as comm
 from . import memory, pipeline
 from .compute import ATTN_BWD_FACTOR, optimizer_time, unit_compute
-from .framework import Framework, get_framework, with_cp_attention
+from .framework import Framework, attention_ratio, get_framework, with_cp_attention
 from .layout import Layout, Training
 from .validity import check
 from .work import ACT_BYTES, UnitWork, cost_key, model_work
@@ -301,7 +301,8 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     for w, mode, n in stage.kinds:  # identical blocks cost the same: each kind is priced once
         priced = unit_time(w, layout=layout, training=training, profile=profile, groups=groups, tokens=tokens,
                            hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
-                           cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap)
+                           cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap,
+                           attention_ratio=attention_ratio(fw, profile))
         for kind, value in priced.items():
             out[kind] += n * value
     if layout.pp > 1:
@@ -332,7 +333,8 @@ def _cost_key(w: UnitWork) -> tuple | int:
 
 def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profile,
               groups: dict[str, comm.Group], tokens: float, hidden: int, recompute: str,
-              kernel_efficiency: float = 1.0, cp_comm: str = "ring", tp_overlap: bool = False) -> dict[str, float]:
+              kernel_efficiency: float = 1.0, cp_comm: str = "ring", tp_overlap: bool = False,
+              attention_ratio: float = 1.0) -> dict[str, float]:
     """Seconds one micro-batch spends in one unit on one GPU, by kind (compute and its own collectives).
     `tp_overlap`: the framework overlaps the column-parallel linears' backward collectives with their
     backward GEMMs (framework.tp_bwd_overlap)."""
@@ -340,7 +342,7 @@ def unit_time(w: UnitWork, *, layout: Layout, training: Training, profile: Profi
     hidden_bytes = tokens / cp * hidden * ACT_BYTES
     t = unit_compute(w, tokens=tokens, tp=tp, cp=cp, precision=training.precision, recompute=recompute,
                      profile=profile, ep=layout.ep, attention=training.attention,
-                     kernel_efficiency=kernel_efficiency, cp_comm=cp_comm)
+                     kernel_efficiency=kernel_efficiency, cp_comm=cp_comm, attention_ratio=attention_ratio)
     out = {"compute": t.fwd_s + t.bwd_s - t.recompute_s, "recompute": t.recompute_s}
     exposed, overlappable = _tp_comm(w, hidden_bytes, layout, profile, groups["tp"], recompute)
     slow = profile.overlap_slowdown - 1

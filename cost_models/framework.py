@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from autoshard.hardware_profiles import Profile
+
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class Framework:
@@ -85,6 +87,10 @@ class Framework:
     """Pipeline chunks hold equal numbers of layers: blocks divisible by pp x vpp, no uneven split."""
     dims: tuple[str, ...] = ("tp", "pp", "cp", "ep")
     """The parallelisms it runs besides data parallelism (a search under it tries no other)."""
+    attention_kernel: str = "flash2"
+    """Whose fused attention it runs: "best" (Transformer Engine's cuDNN attention, FlashAttention-3 class on
+    Hopper) or "flash2" (torch SDPA, whose default backend priority puts FlashAttention-2 first, or the
+    flash-attn 2 package), which reaches Profile.flash2_attention_ratio of the best on the GPU."""
     kernel_efficiency: float
     """Fitted: fraction of the profile's GEMM and attention efficiency these kernels reach."""
     kernels: str = ""
@@ -121,7 +127,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=0.0, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, grad_bytes=4.0, zero_stages=(0, 1, 3),
-        interleaved=True, tp_bwd_overlap=True,
+        interleaved=True, tp_bwd_overlap=True, attention_kernel="best",
         kernel_efficiency=1, prior=1.0,
         source="Megatron-Core: DDP, distributed optimizer (ZeRO-1) or Megatron-FSDP (ZeRO-3), no ZeRO-2; "
                "LinearWithGradAccumulationAndAsyncCommunication (and TE's Linear) launch the backward input "
@@ -146,7 +152,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
         name="nanotron", cp_comm="ring", description="Hugging Face nanotron (the Ultra-Scale Playbook's runs)",
         selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=50e6, grad_bytes=4.0, zero_stages=(0, 1), interleaved=False,
-        kernel_efficiency=0.862, prior=0.90,
+        kernel_efficiency=0.94, prior=0.90,
         source="nanotron: optimizer.zero_stage 0 or 1 (ZeroDistributedOptimizer), pipeline engines afab and 1f1b (no interleaving); nanotron wraps torch DDP (bucket_cap_mb=25) for DP; flash-attn kernels, unfused elementwise; "
                "gradients accumulated and all-reduced in fp32: its scaling-benchmark launcher sets "
                "optimizer.accumulate_grad_in_fp32=True, and with it the DDP communication hook reduces the "
@@ -156,8 +162,8 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True, pp_scatter_gather=True, dp_overlap=False, dp_bucket_params=0.0, dp_bucket_bytes=math.inf,
-    kernel_efficiency=0.79, prior=0.9,
+    even_stages=True, pp_scatter_gather=True, dp_overlap=False, attention_kernel="flash2", dp_bucket_params=0.0, dp_bucket_bytes=math.inf,
+    kernel_efficiency=0.862, prior=0.9,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
@@ -169,7 +175,8 @@ FRAMEWORKS["megatron_2023"] = replace(
            "collective per gradient buffer (the local DDP's contiguous buffer: allreduce_gradients, or the "
            "distributed optimizer's reduce_model_grads), and parameters gathered after the step "
            "(gather_model_params), neither overlapped (--overlap-grad-reduce came in August 2023; checked at "
-           "2021-07 and at 285068c8 of January 2023, the commit MegaScale's baseline ran); kernels of their own, fitted: apex's "
+           "2021-07 and at 285068c8 of January 2023, the commit MegaScale's baseline ran); attention from the "
+           "flash-attn package (--use-flash-attn, merged at 285068c8), not Transformer Engine; kernels of their own, fitted: apex's "
            "fused kernels and cuBLAS GEMMs before "
            "Transformer Engine (prior 0.9, as the other non-TE stacks)")
 FRAMEWORKS["megascale"] = replace(
@@ -194,6 +201,11 @@ FRAMEWORKS["torch_fsdp"] = replace(
     source="torch.distributed.fsdp.ShardingStrategy NO_SHARD / SHARD_GRAD_OP / FULL_SHARD = ZeRO 0 / 2 / 3; "
            "llm-foundry's 2023 training configs shard with FSDP only (no tensor, pipeline or context "
            "parallelism); kernels as torch")
+
+
+def attention_ratio(fw: Framework, profile: Profile) -> float:
+    """Speed of `fw`'s fused attention on `profile`'s GPU against the best kernel there (attention_kernel)."""
+    return profile.flash2_attention_ratio if fw.attention_kernel == "flash2" else 1.0
 
 
 def kernel_family(fw: Framework) -> str:

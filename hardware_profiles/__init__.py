@@ -28,6 +28,8 @@ SPEC_FIELDS = (
     "inter_node_bw_bytes_per_s",
     "inter_node_latency_s",
 )
+OPTIONAL_SPEC_FIELDS = {"flash2_attention_ratio": 1.0}
+"""Spec fields a profile may leave out (a CPU profile has no fused attention kernels), with their default."""
 FITTED_FIELDS = (
     "gemm_efficiency_max",
     "gemm_half_flops",
@@ -66,6 +68,11 @@ class Profile:
     inter_node_bw_bytes_per_s: float
     """Scale-out network bandwidth per GPU per direction (its NIC)."""
     inter_node_latency_s: float
+    flash2_attention_ratio: float = 1.0
+    """FlashAttention-2's speed on this GPU as a fraction of the best fused attention kernel (cuDNN's or
+    FlashAttention-3, what Transformer Engine runs): 1 where FA2 is the best (A100), about 0.57 on Hopper,
+    whose TMA and warpgroup MMA it does not use. Frameworks on torch SDPA or the flash-attn 2 package run it
+    (Framework.attention_kernel)."""
     gemm_efficiency_max: float
     """Fitted: fraction of the dtype peak that large GEMMs reach."""
     gemm_half_flops: float
@@ -122,6 +129,9 @@ def parse_profile(data: dict[str, Any], *, source: str = "<dict>") -> Profile:
         sources: dict[str, str] = {}
         for key in SPEC_FIELDS:
             values[key], sources[key] = _number(specs[key], key)
+        for key, default in OPTIONAL_SPEC_FIELDS.items():
+            values[key], sources[key] = (_number(specs[key], key) if key in specs
+                                          else (default, f"not given in the profile: {default}"))
         for key in FITTED_FIELDS:
             values[key], sources[key] = _number(fitted[key], key)
         return Profile(

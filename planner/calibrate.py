@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from autoshard.hardware_profiles import FITTED_FIELDS, HERE, SPEC_FIELDS, load_profile
+from autoshard.hardware_profiles import FITTED_FIELDS, HERE, OPTIONAL_SPEC_FIELDS, SPEC_FIELDS, load_profile
 
 
 @dataclass(kw_only=True, slots=True)
@@ -221,7 +221,7 @@ def profile_data(m: Measurements, *, base: str, name: str, device: torch.device)
     stamp = (f"measured by plan calibrate on {socket.gethostname()}, {datetime.date.today().isoformat()}, "
              f"torch {torch.__version__}")
     specs = {k: {"value": v["value"], "source": f"from base profile {raw['name']}: {v['source']}"}
-             for k, v in raw["specs"].items() if k in SPEC_FIELDS}
+             for k, v in raw["specs"].items() if k in SPEC_FIELDS or k in OPTIONAL_SPEC_FIELDS}
     fitted = {k: {"value": v["value"], "source": f"from base profile {raw['name']}: {v['source']}"}
               for k, v in raw["fitted"].items() if k in FITTED_FIELDS}
 

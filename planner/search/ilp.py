@@ -46,7 +46,7 @@ import pulp
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
 from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time
-from autoshard.cost_models.framework import Framework, get_framework, with_cp_attention
+from autoshard.cost_models.framework import Framework, attention_ratio, get_framework, with_cp_attention
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
 from autoshard.hardware_profiles import Profile
@@ -112,7 +112,7 @@ class StageILP:
         return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
                          tokens=self.tokens, hidden=self.hidden, recompute=mode,
                          kernel_efficiency=self.fw.kernel_efficiency, cp_comm=self.fw.cp_comm,
-                         tp_overlap=self.fw.tp_bwd_overlap)
+                         tp_overlap=self.fw.tp_bwd_overlap, attention_ratio=attention_ratio(self.fw, self.profile))
 
     def _states(self, w: UnitWork) -> float:
         """Model-state bytes of one unit on one GPU (see estimate._stage_memory)."""

@@ -159,6 +159,25 @@ def test_attention_runs_at_a_fraction_of_the_gemm_efficiency():
     assert unit_compute(w, profile=capped, **kw).attn_fwd_s == pytest.approx(2 * t.attn_fwd_s)
 
 
+def test_flash2_frameworks_run_attention_at_the_profiles_ratio():
+    """Frameworks on torch SDPA (FlashAttention-2 first in its default backend priority) or flash-attn 2
+    run attention at Profile.flash2_attention_ratio of the GPU's best kernel: 0.57 on H100 (FlashAttention-3
+    paper: 1.5-2.0x over FA2), 1 on A100; Megatron-Core with Transformer Engine runs the best."""
+    from autoshard.cost_models.framework import attention_ratio, get_framework
+    from autoshard.hardware_profiles import load_profile
+
+    h100, a100 = load_profile("h100_ib"), load_profile("a100_ib")
+    assert h100.flash2_attention_ratio == pytest.approx(1 / 1.75, abs=0.01) and a100.flash2_attention_ratio == 1
+    assert attention_ratio(get_framework("megatron"), h100) == 1.0
+    for fw in ("torch", "torchtitan", "nanotron", "deepspeed"):
+        assert attention_ratio(get_framework(fw), h100) == h100.flash2_attention_ratio
+        assert attention_ratio(get_framework(fw), a100) == 1.0
+    w = UnitWork(name="b", kind="block", gemm_flops=0, gemm_calls=1, attn_flops=1e8, act_bytes=0,
+                 core_bytes=0, input_bytes=100, dense_params=0, expert_params=0)
+    kw = dict(tokens=4096, tp=1, cp=1, precision="bf16", recompute="none", profile=PROFILE)
+    assert unit_compute(w, attention_ratio=0.5, **kw).attn_fwd_s == pytest.approx(2 * unit_compute(w, **kw).attn_fwd_s)
+
+
 def test_recompute_adds_forward_work():
     w = _block(1024)
     w = UnitWork(**{**{f: getattr(w, f) for f in w.__slots__}, "gemm_flops": 1e8, "attn_flops": 1e7})

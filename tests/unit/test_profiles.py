@@ -12,6 +12,7 @@ import yaml
 from autoshard.hardware_profiles import (
     FITTED_FIELDS,
     HERE,
+    OPTIONAL_SPEC_FIELDS,
     SPEC_FIELDS,
     UnknownProfileError,
     load_profile,
@@ -57,7 +58,7 @@ def test_profile_loads_with_its_file_name(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_number_has_a_source(name: str) -> None:
     profile = load_profile(name)
-    assert set(profile.sources) == set(SPEC_FIELDS + FITTED_FIELDS)
+    assert set(profile.sources) == set(SPEC_FIELDS + tuple(OPTIONAL_SPEC_FIELDS) + FITTED_FIELDS)
     for key, source in profile.sources.items():
         assert source.strip(), f"{name}.{key} has an empty source"
     assert profile.fitted_on.strip()
