@@ -198,12 +198,12 @@ def _parts(layout: Layout, training: Training, profile: Profile, fw: Framework, 
     """Seconds one micro-batch spends on each stage, by kind (_stage_time)."""
     m = training.global_batch // (layout.dp * layout.mbs)
     zero3 = layout.zero == 3  # ZeRO < 3 leaves stage times alone (degrees hold m's dp and mbs)
-    parts = []
+    parts, groups = [], None
     for s in stages:
         key = ("time", s.key, degrees, zero3)
         if key not in memo:
-            memo[key] = _stage_time(s, layout, training, profile, comm.layout_groups(layout),
-                                    layout.mbs * training.seq_len, m, fw)
+            groups = groups or comm.layout_groups(layout)
+            memo[key] = _stage_time(s, layout, training, profile, groups, layout.mbs * training.seq_len, m, fw)
         parts.append(memo[key])
     return parts
 

@@ -53,13 +53,11 @@ class Layout:
     """TP collectives overlapped with the GEMMs they feed (TE's tp-comm-overlap, torch's async TP)."""
 
     def __post_init__(self) -> None:
-        for key in _INT_KEYS:
-            value = getattr(self, key)
-            low = 0 if key == "zero" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"layout {key} must be an integer >= {low}, got {value!r}")
-        if self.zero > 3:
-            raise ValueError(f"layout zero must be 0, 1, 2 or 3, got {self.zero}")
+        degrees = (self.tp, self.pp, self.vpp, self.cp, self.ep, self.dp, self.mbs)
+        # the search builds tens of thousands of layouts: the common case in one pass, messages only on failure
+        if not (set(map(type, degrees)) == {int} and min(degrees) >= 1 and type(self.zero) is int
+                and 0 <= self.zero <= 3):
+            self._integer_errors()
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"layout recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.schedule not in SCHEDULES:
@@ -68,6 +66,15 @@ class Layout:
             raise ValueError(f"vpp={self.vpp} needs schedule {' or '.join(MULTI_CHUNK_SCHEDULES)}, got {self.schedule}")
         if (self.dp * self.cp) % self.ep:
             raise ValueError(f"ep ({self.ep}) must divide dp x cp ({self.dp} x {self.cp} = {self.dp * self.cp})")
+
+    def _integer_errors(self) -> None:
+        for key in _INT_KEYS:
+            value = getattr(self, key)
+            low = 0 if key == "zero" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"layout {key} must be an integer >= {low}, got {value!r}")
+        if self.zero > 3:
+            raise ValueError(f"layout zero must be 0, 1, 2 or 3, got {self.zero}")
 
     @property
     def gpus(self) -> int:

@@ -53,7 +53,7 @@ def layout_errors(graph: ModelGraph, layout: Layout, training: Training) -> list
     if training.global_batch % (layout.dp * layout.mbs):
         out.append(f"whole micro-batches: the global batch {training.global_batch} must be a multiple of "
                    f"dp({layout.dp}) x mbs({layout.mbs}) = {layout.dp * layout.mbs}")
-    blocks = sum(u.kind == "block" for u in graph.units)
+    blocks = len(graph.blocks)
     if layout.pp * layout.vpp > blocks:
         out.append(f"one block per model chunk: pp({layout.pp}) x vpp({layout.vpp}) = {layout.pp * layout.vpp} "
                    f"chunks exceed the {blocks} blocks")
