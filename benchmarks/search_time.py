@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/search_time.py [--only NAME] [--save FILE.json]
 
 What search_speed.py's whole `plan` calls hide under their fixed cost (importing torch, capture): the seconds
-the search itself takes, the layouts it priced, the tuples it pruned and the plan. Captured graphs are cached
-in benchmarks/.cache/ (keyed by the spec file's bytes). `--save` writes each case's ranked layouts with their
+the search itself takes, the layouts it priced, the tuples it pruned and the plan. Specs' graphs come from
+the capture cache `plan` itself uses (planner/capture/cache.py: keyed by the spec and the capture code, so a
+graph captured by older code is never read back). `--save` writes each case's ranked layouts with their
 step times and peak memories, for checking that a change to the search leaves its results alone. Prints a
 table; asserts nothing.
 """
@@ -12,9 +13,7 @@ table; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -24,25 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from autoshard.hardware_profiles import load_profile  # noqa: E402
 from autoshard.planner.api import _training  # noqa: E402
+from autoshard.planner.capture.cache import captured  # noqa: E402
 from autoshard.planner.capture.loading import load_model  # noqa: E402
-from autoshard.planner.capture.trace import capture  # noqa: E402
 from autoshard.planner.search.layouts import search  # noqa: E402
 from benchmarks.search_speed import CASES  # noqa: E402
-
-CACHE = ROOT / "benchmarks" / ".cache"
-
-
-def _graph(model: Path, loaded, seq_len: int):
-    key = hashlib.sha1(model.read_bytes() + str(seq_len).encode()).hexdigest()[:16]
-    path = CACHE / f"search_{key}.pkl"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
-    graph = capture(loaded, 1, seq_len)
-    graph.gm = None
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(graph))
-    return graph
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +41,7 @@ def main() -> None:
             continue
         loaded = load_model(model)
         training = _training(loaded, batch, None, None, {}, gpus, "torch", None)
-        graph = _graph(model, loaded, training.seq_len)
+        graph = captured(loaded, 1, training.seq_len)
         start = time.perf_counter()
         result = search(graph, gpus, training, profile, {})
         seconds = time.perf_counter() - start
