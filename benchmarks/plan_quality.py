@@ -43,8 +43,8 @@ from autoshard.planner.search.layouts import (  # noqa: E402
     VPP_CHOICES,
     ZERO_ORDER,
     Candidate,
-    rank_step,
     SearchResult,
+    rank_step,
     search,
 )
 from benchmarks.accuracy import fitting_layout, graph_for  # noqa: E402

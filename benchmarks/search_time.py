@@ -28,6 +28,7 @@ from autoshard.planner.capture.loading import load_model  # noqa: E402
 from autoshard.planner.search.layouts import search  # noqa: E402
 from benchmarks.search_speed import CASES  # noqa: E402
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the cases whose name contains this (case-insensitive)")
