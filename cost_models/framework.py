@@ -7,7 +7,7 @@ fitted coefficient, `kernel_efficiency`: the fraction of the hardware profile's 
 kernels reach (fused TE kernels = 1 by definition). It is fitted per framework on the calibration runs by
 benchmarks/accuracy.py and cross-validated leaving one source family out; `prior` is the value before any fit.
 Only frameworks with at least 3 calibration runs are fitted (accuracy.MIN_FRAMEWORK_RUNS): megatron_2023
-(Megatron-LM before Transformer Engine, 12 runs over three sources, 0.79) and nanotron (0.83);
+(Megatron-LM before Transformer Engine, 12 runs over three sources, 0.86) and nanotron (0.94);
 torchtitan's stays at its prior, degenerate with the GEMM efficiency of its 500 W H100s (no other source
 uses them); DeepSpeed and plain torch have 1 and 2 runs. `accuracy.py --write-profiles` writes the fitted
 values here.
@@ -162,8 +162,8 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
 )}
 FRAMEWORKS["megatron_2023"] = replace(
     FRAMEWORKS["megatron"], name="megatron_2023", zero_stages=(0, 1), dims=("tp", "pp", "ep"),
-    even_stages=True, pp_scatter_gather=True, dp_overlap=False, attention_kernel="flash2", dp_bucket_params=0.0, dp_bucket_bytes=math.inf,
-    kernel_efficiency=0.862, prior=0.9,
+    even_stages=True, pp_scatter_gather=True, dp_overlap=False, dp_bucket_params=0.0, dp_bucket_bytes=math.inf,
+    attention_kernel="flash2", kernel_efficiency=0.862, prior=0.9,
     description="Megatron-LM before Megatron-Core's context parallelism and Megatron-FSDP (2021-2023: SC'21, "
                 "Korthikanti et al., MegaScale's Megatron-LM baseline)",
     source="as megatron; context parallelism reached Megatron-Core in 2024 (core_r0.5) and Megatron-FSDP "
@@ -176,9 +176,9 @@ FRAMEWORKS["megatron_2023"] = replace(
            "distributed optimizer's reduce_model_grads), and parameters gathered after the step "
            "(gather_model_params), neither overlapped (--overlap-grad-reduce came in August 2023; checked at "
            "2021-07 and at 285068c8 of January 2023, the commit MegaScale's baseline ran); attention from the "
-           "flash-attn package (--use-flash-attn, merged at 285068c8), not Transformer Engine; kernels of their own, fitted: apex's "
-           "fused kernels and cuBLAS GEMMs before "
-           "Transformer Engine (prior 0.9, as the other non-TE stacks)")
+           "flash-attn package (--use-flash-attn, merged at 285068c8), not Transformer Engine; kernels of "
+           "their own, fitted: apex's fused kernels and cuBLAS GEMMs before Transformer Engine (prior 0.9, as "
+           "the other non-TE stacks)")
 FRAMEWORKS["megascale"] = replace(
     FRAMEWORKS["megatron_2023"], name="megascale", kernels="megatron_2023", dp_overlap=True,
     description="MegaScale (ByteDance, NSDI'24): Megatron-LM of 2023 with its communication overlapped",
