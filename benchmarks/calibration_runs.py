@@ -202,8 +202,8 @@ def load_runs(path: str | Path | None = None) -> tuple[list[CalibrationRun], lis
 def _attention_params(model: Mapping[str, Any]) -> int:
     h, heads = model["hidden"], model["heads"]
     kv = model.get("kv_heads") or heads
-    head_dim = h // heads
-    return 2 * h * h + 2 * h * kv * head_dim  # q and o: h x h; k and v: h x kv*head_dim
+    head_dim = model.get("head_dim") or h // heads
+    return 2 * h * heads * head_dim + 2 * h * kv * head_dim  # q and o: h x heads*head_dim; k, v: h x kv*head_dim
 
 
 def _mlp_params(model: Mapping[str, Any], width: int) -> int:
@@ -277,6 +277,8 @@ def _complete_model(entry: Mapping[str, Any], seq_len: int, notes: list[str]) ->
         kv = heads
         notes.append(f"kv_heads={kv}: not stated; = heads (multi-head attention)")
     model["heads"], model["kv_heads"] = heads, kv
+    if isinstance(src.get("head_dim"), int):  # not in the schema today; taken when a source states it
+        model["head_dim"] = src["head_dim"]
 
     vocab = src.get("vocab")
     if vocab is None:
@@ -326,9 +328,9 @@ def _complete_model(entry: Mapping[str, Any], seq_len: int, notes: list[str]) ->
             notes.append(f"moe: dropped {', '.join(dropped)} (not modelled)"
                          + ("; MLA approximated by MHA with head_dim = hidden/heads" if "mla" in dropped else ""))
         model["moe"] = moe
-    if "gpt-oss" in name.lower():
-        notes.append(f"attention: head_dim = hidden/heads = {h // heads} (GPT-OSS uses 64 and alternates "
-                     "128-token sliding-window layers; neither is modelled)")
+    if "gpt-oss" in name.lower() and "head_dim" not in model:
+        notes.append(f"attention: head_dim = hidden/heads = {h // heads} (not stated; GPT-OSS uses 64, and "
+                     "alternates 128-token sliding-window layers, not modelled)")
     try:
         parse_spec({"model": model}, source=str(entry["id"]))
     except SpecError as e:

@@ -3,8 +3,8 @@
 A spec describes a decoder-only transformer in a few numbers (see ARCHITECTURE.md, "Model inputs"):
 
 ```yaml
-model:    {name, layers, hidden, ffn_hidden, heads, kv_heads, vocab, seq_len, tied_embeddings, style,
-           norm_eps, rope_theta,
+model:    {name, layers, hidden, ffn_hidden, heads, kv_heads, head_dim, vocab, seq_len, tied_embeddings,
+           style, norm_eps, rope_theta,
            moe: null | {experts, top_k, expert_ffn_hidden, shared_experts, dense_layers_first,
                         capacity_factor, aux_loss_coef}}
 training: {global_batch_sequences, micro_batch, precision: bf16|fp8, seq_len}   # all optional
@@ -33,7 +33,7 @@ Style = Literal["gpt", "llama"]
 Precision = Literal["bf16", "fp8"]
 
 _MODEL_KEYS = (
-    "name", "layers", "hidden", "ffn_hidden", "heads", "kv_heads", "vocab", "seq_len",
+    "name", "layers", "hidden", "ffn_hidden", "heads", "kv_heads", "head_dim", "vocab", "seq_len",
     "tied_embeddings", "moe", "style", "norm_eps", "rope_theta",
 )  # fmt: skip
 _MOE_KEYS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "dense_layers_first", "capacity_factor",
@@ -97,11 +97,13 @@ class ModelSpec:
     """Epsilon of every LayerNorm / RMSNorm."""
     rope_theta: float = 500000.0
     """RoPE base frequency (Llama 3: 500000); unused by the GPT style."""
+    head_dim: int = 0
+    """Width of one attention head; 0 (not given): hidden / heads. Qwen3, Gemma and gpt-oss set it apart
+    from the width (Qwen3-32B: 64 heads of 128 on a 5,120 width), so q and o are heads x head_dim wide."""
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden // self.heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """Whether block `layer_id` (0-based) has routed experts instead of a dense FFN."""
@@ -227,13 +229,14 @@ def _aux_loss_coef(r: _Reader) -> float:
     return float(value)
 
 
-def _check_shapes(r: _Reader, *, hidden: int, heads: int, kv_heads: int) -> None:
-    """Attention shapes: hidden = heads x head_dim, and GQA groups of heads / kv_heads query heads."""
-    if hidden % heads:
+def _check_shapes(r: _Reader, *, hidden: int, heads: int, kv_heads: int, head_dim: int | None) -> None:
+    """Attention shapes: hidden = heads x head_dim unless head_dim is given, and GQA groups of heads / kv_heads
+    query heads."""
+    if head_dim is None and hidden % heads:
         raise r.fail(
             "hidden",
             f"is not divisible by model.heads ({heads}); hidden must be heads x head_dim",
-            "Fix hidden or heads.",
+            "Fix hidden or heads, or give model.head_dim when the heads are not hidden / heads wide.",
         )
     if heads % kv_heads:
         raise r.fail(
@@ -273,7 +276,8 @@ def _parse_model(data: Mapping[str, Any], *, source: str, warnings: list[str]) -
         )
     ffn_hidden = r.int_("ffn_hidden")
     style = _derive_style(r, hidden=hidden, ffn_hidden=ffn_hidden, heads=heads, kv_heads=kv_heads)
-    _check_shapes(r, hidden=hidden, heads=heads, kv_heads=kv_heads)
+    head_dim = r.int_("head_dim")
+    _check_shapes(r, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise r.fail("name", "must be a string", 'Quote it, e.g. `name: "my-model"`.')
@@ -291,6 +295,7 @@ def _parse_model(data: Mapping[str, Any], *, source: str, warnings: list[str]) -
         style=style,
         norm_eps=r.float_("norm_eps", 1e-5),
         rope_theta=r.float_("rope_theta", 500000.0),
+        head_dim=head_dim or 0,
     )
 
 

@@ -22,6 +22,7 @@ TRAIN = ROOT / "examples" / "train.py"
 TINY_LLAMA = ROOT / "examples" / "specs" / "tiny_llama.yaml"
 TINY_GPT = ROOT / "examples" / "specs" / "tiny_gpt.yaml"
 TINY_MOE = ROOT / "examples" / "specs" / "tiny_moe.yaml"
+TINY_WIDE = ROOT / "examples" / "specs" / "tiny_wide_heads.yaml"
 HF_LLAMA = ROOT / "tests" / "data" / "hf" / "tiny_llama"
 STEPS = 5
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -131,6 +132,7 @@ CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per wo
     (TINY_MOE, "dp=2,zero=3", 2, ()),
     (TINY_LLAMA, "tp=2", 2, ()),
     (TINY_LLAMA, "tp=2,sp=false", 2, ()),
+    (TINY_WIDE, "tp=2", 2, ()),
     (TINY_GPT, "tp=4", 4, ()),
     *[(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4, ()) for zero in (0, 3)],
     (TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4, ()),
@@ -178,6 +180,11 @@ def test_moe_with_unrouted_experts_under_ddp_and_fsdp(runs):
 @pytest.mark.parametrize("layout", ["tp=2", "tp=2,sp=false"])
 def test_tensor_parallel_with_and_without_sequence_parallel(layout, runs):
     runs.check(TINY_LLAMA, layout, 2)
+
+
+def test_tensor_parallel_with_heads_wider_than_the_width(runs):
+    """head_dim apart from hidden / heads (spec `head_dim`: 4 heads of 32 on a width of 64)."""
+    runs.check(TINY_WIDE, "tp=2", 2)
 
 
 def test_tensor_parallel_over_four_ranks_with_tied_embeddings(runs):

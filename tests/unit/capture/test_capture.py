@@ -92,6 +92,26 @@ def test_reference_llama_flops_by_hand(specs):
     assert [u.kind for u in g.units] == ["embedding"] + ["block"] * 4 + ["norm", "head"]
 
 
+def test_head_dim_apart_from_the_width_by_hand(specs, tmp_path):
+    """A spec's `head_dim` (Qwen3, Gemma, gpt-oss: heads x head_dim != hidden) sizes q, o and the attention
+    core: tiny-llama with 4 heads of 32 on a width of 64."""
+    import yaml
+
+    data = yaml.safe_load((specs / "tiny_llama.yaml").read_text())
+    data["model"]["head_dim"] = 32
+    path = tmp_path / "wide_heads.yaml"
+    path.write_text(yaml.safe_dump(data))
+    b, s = 1, 32
+    g = capture(path, micro_batch=b, seq_len=s)
+    h, ffn, heads, kv, hd, t = 64, 160, 4, 2, 32, b * s
+    qkvo = 2 * t * h * (2 * heads * hd + 2 * kv * hd)
+    mlp = 2 * t * 3 * h * ffn
+    sdpa = 4 * b * heads * s * s * hd
+    assert [u.fwd_flops for u in g.blocks] == [qkvo + mlp + sdpa] * 4
+    a = g.blocks[0].attention
+    assert (a.heads, a.kv_heads, a.head_dim) == (heads, kv, hd)
+
+
 def test_three_methods_give_the_same_graph():
     graphs = {m: capture(MLPStack(), 2, 8, methods=[m]) for m in ("fx", "export", "hooks")}
     assert {m: g.capture_method for m, g in graphs.items()} == {"fx": "fx", "export": "export", "hooks": "hooks"}

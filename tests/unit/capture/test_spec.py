@@ -250,6 +250,19 @@ def test_load_spec_file_errors(tmp_path: Path) -> None:
         load_spec(hidden)
 
 
+def test_head_dim_given_apart_from_the_width() -> None:
+    """hidden need not be heads x head_dim when head_dim is given (Qwen3-32B: 64 heads of 128 on 5,120);
+    without it head_dim is hidden / heads, and a width the heads do not divide is an error."""
+    model, _, _ = parse_spec(spec(model={"hidden": 4000, "heads": 48, "kv_heads": 8, "head_dim": 128}))
+    assert model.head_dim == 128
+    assert parse_spec(spec())[0].head_dim == 64 // 4
+    with pytest.raises(SpecError, match="give model.head_dim"):
+        parse_spec(spec(model={"hidden": 4000, "heads": 48}))
+    for bad in (0, True, 12.5):
+        with pytest.raises(SpecError, match="head_dim"):
+            parse_spec(spec(model={"head_dim": bad}))
+
+
 def test_load_calibration_entry(tmp_path: Path) -> None:
     path = tmp_path / "entry.yaml"
     path.write_text(CALIBRATION_ENTRY)
