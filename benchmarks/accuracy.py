@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import math
 import pickle
@@ -184,11 +185,17 @@ def fit(cases: list[Case], start: dict[str, float], sweeps: int = 3, points: int
 
 def prior_of(profile: Profile, key: str) -> float:
     """The coefficient's prior as its YAML records it (`prior:` beside `value:`), so refits start afresh."""
+    return _prior(profile.name, key)
+
+
+@functools.cache
+def _prior(profile_name: str, key: str) -> float:
+    """prior_of, read once per profile and key: the fit asks for it on every prediction."""
     import yaml
 
     from autoshard.hardware_profiles import HERE
 
-    entry = yaml.safe_load((HERE / f"{profile.name}.yaml").read_text())["fitted"][key]
+    entry = yaml.safe_load((HERE / f"{profile_name}.yaml").read_text())["fitted"][key]
     return float(entry.get("prior", entry["value"]))
 
 

@@ -423,9 +423,8 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
         if tp > 1:
             notes.append("sequence_parallel=true: not stated; assumed on with tp > 1 (usual in Megatron-Core/NeMo "
                          "recipes; nanotron's default REDUCE_SCATTER TP mode)")
-    text = str(entry.get("notes", ""))
-    async_tp = bool(par.get("async_tp")) or "--tp-comm-overlap" in text
-    if not async_tp and tp > 1 and "comm overlap" in text:
+    async_tp = bool(par.get("async_tp")) or "--tp-comm-overlap" in str(entry.get("notes", ""))
+    if not async_tp and tp > 1 and _names_comm_overlap(entry):
         async_tp = True
         notes.append("async_tp=true: the notes name communication overlap (MegaScale, Jiang et al. NSDI'24 Sec. 3.2: "
                      "TP/SP all-gather and reduce-scatter fused with the linears' GEMMs, in chunks)")
@@ -488,6 +487,11 @@ def _training(entry: Mapping[str, Any], notes: list[str]) -> Training:
                     framework=_framework(entry, notes), grad_reduce=grad_reduce)
 
 
+def _names_comm_overlap(entry: Mapping[str, Any]) -> bool:
+    """Whether the notes name communication overlap (MegaScale's own rows: NSDI'24 Sec. 3.2)."""
+    return "comm overlap" in str(entry.get("notes", ""))
+
+
 _GROUP_FRAMEWORK = {
     "megatron_sc21": "megatron_2023", "korthikanti": "megatron_2023", "megatron_h100_readme": "megatron",
     "nemo_2407": "megatron", "nemo_cp": "megatron", "megatron_bridge": "megatron", "megascale": "megatron_2023",
@@ -506,7 +510,7 @@ def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
             return "deepspeed_2021"
         return "deepspeed"
     group = entry.get("group", "")
-    if group == "megascale" and "comm overlap" in str(entry.get("notes", "")):
+    if group == "megascale" and _names_comm_overlap(entry):
         notes.append("framework=megascale: the notes name MegaScale's communication overlap (NSDI'24 Sec. 3.2: "
                      "data-parallel collectives under the first forward and last backward)")
         return "megascale"

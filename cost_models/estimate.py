@@ -480,8 +480,8 @@ def _data_parallel(stage: _Stage, part: dict[str, float], layout: Layout, profil
     hide = part["compute"] if fw.dp_overlap else 0.0
     last_backward, first_forward = hide * 2 / 3, hide / 3
     slow = profile.overlap_slowdown - 1  # the compute a collective hides behind runs this much slower
-    if layout.zero == 2:
-        grad_exposed = m * (max(0.0, t_grad - last_backward) + slow * min(t_grad, last_backward))
+    if layout.zero == 2:  # every micro-batch's gradients, each under its own backward
+        grad_exposed = m * _overlapped(t_grad, last_backward, 1, layout.pp, slow)
     else:
         grad_exposed = _overlapped(t_grad, last_backward, stage.chunks, layout.pp, slow)
     gather_exposed = _overlapped(t_gather, first_forward, stage.chunks, layout.pp, slow)
