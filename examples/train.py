@@ -52,7 +52,7 @@ from autoshard.planner.capture.trace import capture  # noqa: E402
 from autoshard.planner.errors import UserError  # noqa: E402
 from autoshard.planner.outputs.plan import fingerprint, load_plan  # noqa: E402
 from autoshard.synthetic import synthetic_batch  # noqa: E402
-from autoshard.transforms.apply import apply_layout, plan_choices  # noqa: E402
+from autoshard.transforms.apply import apply_layout, check_apply, plan_choices  # noqa: E402
 from autoshard.transforms.checkpoint import checkpoints  # noqa: E402
 from autoshard.transforms.init import meta_parameters  # noqa: E402
 from autoshard.transforms.lr_schedule import WarmupCosine  # noqa: E402
@@ -68,6 +68,9 @@ def main() -> int:
         if args.global_batch % (layout.dp * layout.mbs):
             raise UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout.dp}) x "
                             f"micro-batch({layout.mbs})")
+        # every refusal before joining the process group, so that no rank leaves while another is connecting
+        check_apply(model, layout, graph=graph, split=split, precision=args.precision,
+                    grad_reduce=args.grad_reduce, cp_attention=args.cp_attention)
         rank = _init_distributed(world)
         parallel = apply_layout(model, layout, graph=graph, recompute=recompute, lr=args.lr, seed=args.seed,
                                 split=split, precision=args.precision, cp_attention=args.cp_attention,

@@ -198,11 +198,8 @@ def apply_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, mesh: M
     meta = is_meta(model)
     if meta and seed is None:
         raise UserError("the model's parameters are on the meta device: pass a seed to initialise its shards")
-    check_layout(model, layout, graph=graph, cp_attention=cp_attention)
-    try:
-        check_precision(precision, layout, grad_reduce)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    check_apply(model, layout, graph=graph, split=split, precision=precision, grad_reduce=grad_reduce,
+                cp_attention=cp_attention)
     mp_policy = mixed_precision_policy(precision, zero=layout.zero, grad_reduce=grad_reduce)
     identity = {"fingerprint": fingerprint_of(model), "layout": layout.to_string()}
     if mesh is None and layout.gpus > 1:
@@ -246,6 +243,21 @@ def single_replica_optimizer(params: list[nn.Parameter], *, lr: float, mp_policy
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return ShardedAdamW(params, group=None, reduce_grads=False, shard=False, lr=lr, weight_decay=0.0,
                         mp_policy=mp_policy)
+
+
+def check_apply(model: nn.Module, layout: Layout, *, graph: ModelGraph, split: list[int] | None = None,
+                precision: str = "fp32", grad_reduce: str | None = None, cp_attention: str = "ring") -> None:
+    """Every refusal apply_layout makes, none of which needs a process group: the layout (check_layout), the
+    precision and the stage split. A launcher calls it before init_process_group: a rank that refuses after
+    joining can tear the group down while a slower rank is still connecting, whose init then fails with a
+    traceback instead of the refusal."""
+    check_layout(model, layout, graph=graph, cp_attention=cp_attention)
+    try:
+        check_precision(precision, layout, grad_reduce)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if layout.pp > 1 and split is not None:
+        chunk_specs(len(graph.blocks), split, 0, layout.pp, layout.schedule)  # raises on a split that cannot run
 
 
 def check_layout(model: nn.Module, layout: Layout, *, graph: ModelGraph, cp_attention: str = "ring") -> None:
