@@ -40,10 +40,10 @@ from autoshard.hardware_profiles import Profile, load_profile  # noqa: E402
 from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
 from autoshard.planner.search.layouts import (  # noqa: E402
     MBS_CHOICES,
-    VPP_CHOICES,
     ZERO_ORDER,
     Candidate,
     SearchResult,
+    framework_choices,
     rank_step,
     search,
 )
@@ -143,8 +143,8 @@ def outside_space(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> l
         out.append(f"ZeRO-{lay.zero} (search tries {', '.join(map(str, ZERO_ORDER))})")
     if lay.mbs not in MBS_CHOICES or per_dp % lay.mbs:
         out.append(f"mbs {lay.mbs} (search tries {', '.join(map(str, MBS_CHOICES))})")
-    if lay.vpp not in VPP_CHOICES:
-        out.append(f"vpp {lay.vpp} (search tries {', '.join(map(str, VPP_CHOICES))})")
+    if lay.vpp not in (vpps := framework_choices(graph, training, lay.pp)[1]):
+        out.append(f"vpp {lay.vpp} (search tries {', '.join(map(str, vpps))} at pp {lay.pp})")
     if lay.schedule == "gpipe":
         out.append("gpipe schedule")
     if lay.tp > 1 and not lay.sequence_parallel:

@@ -531,7 +531,8 @@ def _stage_activations(stage: _Stage, layout: Layout, vocab: int, tokens: float,
                        fw: Framework) -> tuple[float, float, float]:
     """(activations held whatever the micro-batches in flight: full recompute's working block, the logits,
     the activations one micro-batch leaves saved) on one GPU of a stage."""
-    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention}
+    kw = {"tokens": tokens, "tp": layout.tp, "cp": layout.cp, "sp": layout.sp, "attention": attention,
+          "gathered": fw.sp_saves_gathered}
     per_mb = sum(n * memory.block_activations(w, recompute=mode, selective=fw.selective, **kw)
                  for w, mode, n in stage.kinds)
     if layout.cp > 1 and fw.cp_comm != "ring":
@@ -540,10 +541,18 @@ def _stage_activations(stage: _Stage, layout: Layout, vocab: int, tokens: float,
             * (1 - 1 / layout.cp)
     full = [w for w, mode, _ in stage.kinds if mode == "full" and w.kind == "block"]
     working = max((memory.working_activations(w, **kw) for w in full), default=0.0)
-    logits = 0.0
-    if any(w.kind == "head" for w, _, _ in stage.kinds):
-        logits = memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp, logit_bytes=fw.logit_bytes)
+    logits = sum(loss_peak(w, layout, vocab, tokens, fw) for w, _, _ in stage.kinds if w.kind == "head")
     return working, logits, per_mb
+
+
+def loss_peak(head: UnitWork, layout: Layout, vocab: int, tokens: float, fw: Framework) -> float:
+    """What the loss holds at its backward, once whatever the micro-batches in flight (the last chunk runs
+    each micro-batch's backward right after its forward): the logits and, under the framework's
+    sequence-parallel styles, the head's gathered input beyond its shard."""
+    whole = memory.gathered_whole(head, tokens=tokens, tp=layout.tp, cp=layout.cp, sp=layout.sp) \
+        if fw.sp_saves_gathered else 0.0
+    return whole + memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp,
+                                       logit_bytes=fw.logit_bytes_at(layout.tp))
 
 
 def _holding(states: memory.StageMemory, working: float, logits: float, held: float) -> memory.StageMemory:

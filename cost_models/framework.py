@@ -30,7 +30,14 @@ class Framework:
     Korthikanti et al. Sec. 5; autoshard's transforms/ac.py) or "op" (torchtitan's op-level selective AC:
     saves the outputs of every other matmul and of SDPA, recomputes the rest)."""
     logit_bytes: float
-    """Bytes per logit at the loss's backward peak."""
+    """Bytes per logit at the loss's backward peak (memory.LOGIT_BYTES)."""
+    vocab_parallel_logit_bytes: float = 0.0
+    """The same with vocabulary-parallel logits, TP > 1 (0: as logit_bytes)."""
+    sp_saves_gathered: bool = False
+    """Under sequence parallelism a column-parallel linear saves its all-gathered input for the weight
+    gradient (DTensor's parallel styles: autoshard's transforms/tp.py and torchtitan gather a module's input
+    once and its linears keep it), rather than its sequence shard gathered again in backward (Megatron-LM's
+    and Transformer Engine's linears, Korthikanti et al. Sec. 4.2.2)."""
     zero3_gather: str
     """ZeRO-3 parameter gathers: "block" (FSDP2 units, one per transformer block, prefetched), "linear"
     (DeepSpeed ZeRO-3 fetches each submodule's parameters) or "tensor" (one all-gather per parameter
@@ -105,24 +112,31 @@ class Framework:
             return self.dp_bucket_bytes
         return max(self.dp_bucket_params, self.dp_bucket_params_per_rank * ranks) * grad_bytes
 
+    def logit_bytes_at(self, tp: int) -> float:
+        """Bytes per logit at the loss with `tp` tensor-parallel ranks (vocabulary-parallel when tp > 1)."""
+        return self.vocab_parallel_logit_bytes if tp > 1 and self.vocab_parallel_logit_bytes else self.logit_bytes
+
 
 FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
     Framework(
         name="torch", cp_comm="ring", cp_allgather="allgather_masked", description="autoshard apply_plan: eager PyTorch, SDPA, FSDP2 / DDP (the default)",
-        selective="attention", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
+        selective="attention", logit_bytes=12.0, vocab_parallel_logit_bytes=16.0, sp_saves_gathered=True,
+        zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 1, 2, 3), interleaved=True,
         kernel_efficiency=0.9, prior=0.90,
         source="transforms/dp.py (ZeRO 0-3), transforms/pp.py (torch schedules); transforms/ac.py (selective = attention core); torch DDP bucket_cap_mb=25; FSDP2 prefetches the "
-               "next block; logits: cost_models/memory.py LOGIT_BYTES; prior: eager elementwise kernels "
+               "next block; logits: cost_models/memory.py LOGIT_BYTES (VOCAB_PARALLEL_LOGIT_BYTES under loss_parallel); DTensor SP styles (transforms/tp.py); prior: eager elementwise kernels "
                "unfused, about 10% below TE (assumed until fitted)"),
     Framework(
         name="torchtitan", cp_comm="allgather", description="torchtitan: eager or compiled PyTorch, FSDP2, op-level selective AC",
-        selective="op", logit_bytes=14.0, zero3_gather="block", zero3_overlap=1.0,
+        selective="op", logit_bytes=12.0, vocab_parallel_logit_bytes=16.0, sp_saves_gathered=True,
+        zero3_gather="block", zero3_overlap=1.0,
         dp_bucket_bytes=25e6, grad_bytes=2.0, zero_stages=(0, 2, 3), interleaved=True,
         kernel_efficiency=0.9, prior=0.90,
         source="torchtitan: DDP or FSDP2, fully sharded (ZeRO-3) or with fsdp_reshard_after_forward=never (ZeRO-2), no sharded-optimizer-only mode; torch pipelining schedules incl. interleaved; distributed/activation_checkpoint.py: selective_ac_option='op' saves mm outputs "
                "except every other one, and SDPA outputs; FSDP2 one unit per block; logits upcast to fp32 "
-               "(torchtitan's cross_entropy_loss)"),
+               "(torchtitan's cross_entropy_loss, under loss_parallel with TP); TP through DTensor's parallel "
+               "styles (PrepareModuleInput gathers the attention's and the MLP's input)"),
     Framework(
         name="megatron", cp_comm="ring", description="Megatron-LM / Megatron-Core with Transformer Engine (NeMo, Megatron-Bridge)",
         selective="attention", logit_bytes=6.0, zero3_gather="block", zero3_overlap=1.0,

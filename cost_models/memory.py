@@ -23,10 +23,15 @@ GRAD_BYTES = 2
 instead of a master copy, which the 12 optimizer bytes already cover). Megatron's fp32 main_grad is
 framework.grad_bytes = 4."""
 OPTIMIZER_BYTES = 12
-LOGIT_BYTES = 14
-"""Per logit at the loss's backward peak: the 16-bit logits, their fp32 copy, the fp32 log-softmax kept
-for backward and its fp32 gradient (PyTorch's cross-entropy on upcast logits, as torchtitan runs it;
-torchtitan's 8B at 32k tokens, full recompute, peaks at 83.9 GiB, about 58 GB of it this term)."""
+LOGIT_BYTES = 12
+"""Per logit at the loss's backward peak, PyTorch's cross-entropy on logits upcast to fp32 (as autoshard and
+torchtitan compute the loss): the fp32 log-softmax kept for backward, the nll gradient and the log-softmax
+gradient, 4 bytes each (the 16-bit logits and their fp32 copy, 6 bytes, are freed after the forward,
+whose own peak is 10). Measured: benchmarks/loss_memory.py (12.0 on CPU)."""
+VOCAB_PARALLEL_LOGIT_BYTES = 16
+"""The same under DTensor's loss_parallel (vocabulary-sharded logits, TP > 1): its backward rebuilds the
+gradient from zeros_like, exp(log-softmax) and their sum beside the kept log-softmax, 4 x 4 bytes
+(torch/distributed/tensor/parallel/loss.py, _nll_loss_and_log_softmax_backward; measured 16.0)."""
 REPLICATED_INPUTS = 5
 """Without SP, each TP rank keeps ~10 sbh bytes = 5 x the block input (2 sbh bytes): Korthikanti Table 2."""
 ALLOCATOR_RESERVE = 0.05
@@ -70,14 +75,17 @@ mask: Korthikanti et al. Sec. 4.1, the 5as^2b term), i.e. 2.5 x the 16-bit score
 
 
 def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, recompute: str,
-                      attention: str = "flash", selective: str = "attention") -> float:
+                      attention: str = "flash", selective: str = "attention", gathered: bool = False) -> float:
     """Bytes one micro-batch leaves saved in this unit until its backward (on one GPU). `selective` is what
     the framework's selective recompute keeps (framework.py): the block minus its attention core, or
-    torchtitan's op-level policy (every other matmul output and the SDPA output)."""
+    torchtitan's op-level policy (every other matmul output and the SDPA output). `gathered`: under SP its
+    column-parallel linears keep their all-gathered input whole (Framework.sp_saves_gathered), not the
+    1/tp that Korthikanti's 34sbh/t counts."""
     if recompute == "full" and work.kind == "block":
         return work.input_bytes * tokens / cp / (tp if sp else 1)
     if recompute == "selective" and selective == "op" and work.sac_op_bytes:
         return work.sac_op_bytes * tokens / cp / tp
+    whole = gathered_whole(work, tokens=tokens, tp=tp, cp=cp, sp=sp) if gathered and work.kind == "block" else 0.0
     core = work.core_bytes + (UNFUSED_SCORE_BYTES * work.score_bytes if attention == "unfused" else 0.0)
     act = work.act_bytes - work.core_bytes + (0.0 if recompute == "selective" else core)
     if tp > 1 and not sp:
@@ -85,12 +93,20 @@ def block_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bo
         act = (act - kept) / tp + kept
     else:
         act /= tp
-    return act * tokens / cp
+    return act * tokens / cp + whole
 
 
-def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, attention: str = "flash") -> float:
+def gathered_whole(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool) -> float:
+    """Bytes beyond their 1/tp shard that a unit's sequence-parallel linears keep when they save the
+    all-gathered input (Framework.sp_saves_gathered)."""
+    return work.gathered_bytes * tokens / cp * (1 - 1 / tp) if sp and tp > 1 else 0.0
+
+
+def working_activations(work: UnitWork, *, tokens: float, tp: int, cp: int, sp: bool, attention: str = "flash",
+                        gathered: bool = False) -> float:
     """Full recompute rebuilds one block's activations at a time during the backward."""
-    return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none", attention=attention)
+    return block_activations(work, tokens=tokens, tp=tp, cp=cp, sp=sp, recompute="none", attention=attention,
+                             gathered=gathered)
 
 
 def logits_bytes(tokens: float, vocab: int, *, tp: int, cp: int, logit_bytes: float = LOGIT_BYTES) -> float:

@@ -44,6 +44,11 @@ class UnitWork:
     """Of act_bytes, what the attention core saves (selective recompute drops it)."""
     input_bytes: float
     """The unit's input activation (what full recompute keeps)."""
+    gathered_bytes: float = 0.0
+    """Per token, the inputs its column-parallel linears all-gather under sequence parallelism: the
+    attention's and the MLP's (their q/k/v or gate/up linears share one gather) in a block, the head's.
+    Frameworks whose linears save that gathered input for the weight gradient keep it whole
+    (Framework.sp_saves_gathered)."""
     dense_params: int
     expert_params: int
     expert_flops: float = 0.0
@@ -98,6 +103,7 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         act_bytes=(unit.saved_bytes - core_measured + core_fused - norm_measured + norm_fused) / tokens,
         core_bytes=core_fused / tokens,
         input_bytes=graph.hidden * ACT_BYTES if unit.kind == "block" else 0.0,
+        gathered_bytes=graph.hidden * ACT_BYTES * _gathered_inputs(unit),
         dense_params=unit.params - expert,
         expert_params=expert,
         expert_flops=expert_flops * load,
@@ -108,6 +114,13 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         score_bytes=scores,
         sac_op_bytes=_sac_op_bytes(graph, unit),
     )
+
+
+def _gathered_inputs(unit: Unit) -> int:
+    """Inputs the unit all-gathers under sequence parallelism: one per attention and per MLP or MoE, the head's."""
+    if unit.kind == "head":
+        return 1
+    return int(unit.attention is not None) + int(unit.mlp is not None or unit.moe is not None) if unit.kind == "block" else 0
 
 
 def _sac_op_bytes(graph: ModelGraph, unit: Unit) -> float:

@@ -45,7 +45,7 @@ import pulp
 
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
-from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, unit_time
+from autoshard.cost_models.estimate import FSDP_REDUCE_BYTES, loss_peak, unit_time
 from autoshard.cost_models.framework import Framework, attention_ratio, get_framework, with_cp_attention
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
@@ -101,12 +101,16 @@ class StageILP:
 
     def _run(self, blocks: list[UnitWork]) -> _Run:
         w = blocks[0]
-        kw = {"tokens": self.tokens, "tp": self.layout.tp, "cp": self.layout.cp, "sp": self.layout.sp,
-              "attention": self.training.attention}
+        kw = self._activation_kw()
         time = {a: sum(self._unit_time(w, a).values()) for a in self.modes}
         act = {a: memory.block_activations(w, recompute=a, selective=self.fw.selective, **kw) for a in self.modes}
         return _Run(blocks=blocks, time=time, act=act, states=self._states(w),
                     work=memory.working_activations(w, **kw))
+
+    def _activation_kw(self) -> dict:
+        """memory.block_activations' keywords at this layout (as estimate._stage_activations passes them)."""
+        return {"tokens": self.tokens, "tp": self.layout.tp, "cp": self.layout.cp, "sp": self.layout.sp,
+                "attention": self.training.attention, "gathered": self.fw.sp_saves_gathered}
 
     def _unit_time(self, w: UnitWork, mode: str) -> dict[str, float]:
         return unit_time(w, layout=self.layout, training=self.training, profile=self.profile, groups=self.groups,
@@ -131,11 +135,10 @@ class StageILP:
         last = pipeline.chunk_stage(self.chunks - 1, p, lay.schedule)
         units = (self.pre if stage == 0 else []) + (self.post if stage == last else [])
         t = sum(sum(self._unit_time(w, "none").values()) for w in units)
-        kw = {"tokens": self.tokens, "tp": lay.tp, "cp": lay.cp, "sp": lay.sp, "attention": self.training.attention}
+        kw = self._activation_kw()
         held = pipeline.in_flight(stage, p, self.m, lay.vpp, lay.schedule)
         mem = sum(self._states(w) + held * memory.block_activations(w, recompute="none", **kw) for w in units)
-        if any(w.kind == "head" for w in units):
-            mem += memory.logits_bytes(self.tokens, self.vocab, tp=lay.tp, cp=lay.cp, logit_bytes=self.fw.logit_bytes)
+        mem += sum(loss_peak(w, lay, self.vocab, self.tokens, self.fw) for w in units if w.kind == "head")
         if lay.zero == 3:
             # gathered weights of the running and the prefetched block and one block's fp32 gradients
             biggest = max(w.dense_params + w.expert_params / lay.ep for run in self.runs for w in run.blocks[:1])

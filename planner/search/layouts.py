@@ -224,7 +224,7 @@ def _combos(graph: ModelGraph, degrees: tuple[int, int, int, int, int], training
             fixed: dict[str, Any]) -> list[tuple[int, int, str]]:
     """The (micro-batch, interleaving, schedule) choices of a tuple, micro-batch by micro-batch."""
     pp, dp = degrees[2], degrees[3]
-    vpps = _choices("vpp", _framework_choices(graph, training, pp)[1], fixed)
+    vpps = _choices("vpp", framework_choices(graph, training, pp)[1], fixed)
     return [(mbs, vpp, schedule) for mbs in _mbs_options(training.global_batch // dp, fixed) for vpp in vpps
             for schedule in _schedules(pp, vpp, training, fixed)]
 
@@ -243,7 +243,7 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     skipped (_first_fit): the tuple's best is kept whenever a plan could show it. An interleaving and
     schedule that fits nowhere at one micro-batch size is not tried at larger ones."""
     tp, cp, pp, dp, ep = degrees
-    zeros = _framework_choices(graph, training, pp)[0]
+    zeros = framework_choices(graph, training, pp)[0]
     if 0 in zeros and 1 in zeros and comm.domains(comm.Group(size=dp * cp, stride=tp), profile) == 1:
         zeros.remove(0)  # inside one NVLink domain the all-reduce is a ring: ZeRO-1 moves as much, holds less
     out: list[Candidate] = []
@@ -283,7 +283,7 @@ def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int
     return out
 
 
-def _framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
+def framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
     """The ZeRO stages and interleaving degrees to try under the framework (validity.framework_errors):
     ZERO_ORDER's stages it runs, and vpp > 1 only
     where it interleaves (under a framework with even chunks only, every vpp dividing the blocks per stage)."""

@@ -81,17 +81,9 @@ def test_every_published_layout_prices_and_fits(run_id):
         assert getattr(result.best.layout, key) == value
 
 
-_FLOAT8_MISS = pytest.mark.xfail(strict=True, reason="known miss (docs/accuracy.md): 61.2 of 71.9 GiB, torchtitan's "
-                                                    "Float8 buffers are not in the memory model")
-
-
-@pytest.mark.parametrize("run_id", [
-    pytest.param(r, marks=_FLOAT8_MISS) if r == "torchtitan_l31_70b_256gpu_fsdp32_tp8_fp8" else r
-    for r in sorted(RUNS) if RUNS[r].peak_memory_gib
-])
+@pytest.mark.parametrize("run_id", [r for r in sorted(RUNS) if RUNS[r].peak_memory_gib])
 def test_peak_memory_within_ten_percent_of_reported(run_id):
-    """Every run that reports its peak memory (torchtitan's, all FSDP2) is predicted within 10%, but the one
-    known miss, marked as such."""
+    """Every run that reports its peak memory (torchtitan's, all FSDP2) is predicted within 10%."""
     from autoshard.cost_models.estimate import estimate
     from autoshard.hardware_profiles import load_profile
     from benchmarks.accuracy import graph_for

@@ -36,7 +36,7 @@ def _exhaustive(graph, gpus: int, training: Training, profile) -> tuple[dict[tup
     priced = 0
     for degrees in layouts.degree_tuples(graph, gpus, training, profile, {}):
         tp, cp, pp, dp, ep = degrees
-        zeros = layouts._framework_choices(graph, training, pp)[0]
+        zeros = layouts.framework_choices(graph, training, pp)[0]
         for mbs, vpp, schedule in layouts._combos(graph, degrees, training, {}):
             for zero in zeros:
                 for recompute in RECOMPUTE:

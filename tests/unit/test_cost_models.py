@@ -61,6 +61,70 @@ def test_activations_follow_korthikanti_table_2():
     assert memory.block_activations(w, tokens=tokens, tp=1, cp=2, sp=False, recompute="none") == 34 * sbh / 2
 
 
+def test_dtensor_sequence_parallel_keeps_the_gathered_inputs_whole():
+    """Under SP, DTensor's styles (autoshard's transforms/tp.py, torchtitan) gather the attention's and the
+    MLP's input once and their column linears save it whole: 34 sbh/t + 2 x 2 sbh (1 - 1/t). Megatron's
+    linears save the shard and gather it again in backward (Korthikanti's 34 sbh/t). Full recompute keeps
+    the block input alone either way; the working block it rebuilds holds the gathered inputs."""
+    s, h, t = 2048, 4096, 8
+    sbh = s * h
+    w = dataclasses.replace(_block(h), gathered_bytes=2 * 2 * h)
+    kw = {"tokens": s, "tp": t, "cp": 1, "sp": True}
+    assert memory.block_activations(w, recompute="none", gathered=True, **kw) == 34 * sbh / t + 4 * sbh * (1 - 1 / t)
+    assert memory.block_activations(w, recompute="none", **kw) == 34 * sbh / t
+    assert memory.block_activations(w, recompute="full", gathered=True, **kw) == 2 * sbh / t
+    assert memory.working_activations(w, gathered=True, **kw) == 34 * sbh / t + 4 * sbh * (1 - 1 / t)
+    assert memory.block_activations(w, recompute="none", gathered=True, **(kw | {"sp": False})) == sbh * (10 + 24 / t)
+
+
+def test_loss_bytes_per_logit_by_framework():
+    """benchmarks/loss_memory.py measures 12.0 B per logit for torch's cross-entropy on upcast logits and
+    16.1 under loss_parallel; Megatron's vocab-parallel cross-entropy works in place on an fp32 copy (6)."""
+    from autoshard.cost_models.framework import get_framework
+
+    for name in ("torch", "torchtitan"):
+        fw = get_framework(name)
+        assert (fw.logit_bytes_at(1), fw.logit_bytes_at(8)) == (memory.LOGIT_BYTES, memory.VOCAB_PARALLEL_LOGIT_BYTES)
+        assert fw.sp_saves_gathered
+    megatron = get_framework("megatron")
+    assert (megatron.logit_bytes_at(1), megatron.logit_bytes_at(8), megatron.sp_saves_gathered) == (6, 6, False)
+
+
+def test_cross_entropy_on_upcast_logits_peaks_at_logit_bytes():
+    """Live tensors counted by storage through one forward and backward of the loss as the training step
+    runs it (transforms/apply.py: the head's 16-bit output upcast, dropped before backward)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                    st = t.untyped_storage()
+                    self.refs.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
+            self.refs = {k: v for k, v in self.refs.items() if not v[0].expired()}
+            self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
+            return out
+
+    tokens, vocab = 512, 1000
+    logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    with Live() as live:
+        out = logits * 1.0
+        loss = F.cross_entropy(out.float(), torch.randint(0, vocab, (tokens,)))
+        del out
+        loss.backward()
+    assert live.peak / (tokens * vocab) == pytest.approx(memory.LOGIT_BYTES, rel=0.01)
+
+
 def test_selective_recompute_drops_the_attention_core():
     w = _block(1024, act_per_h=40, core_per_h=6)
     full = memory.block_activations(w, tokens=10, tp=1, cp=1, sp=False, recompute="none")
