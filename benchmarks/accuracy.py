@@ -40,7 +40,8 @@ from autoshard.planner.capture.model_graph import ModelGraph  # noqa: E402
 from autoshard.planner.capture.reference_model import build_reference_model  # noqa: E402
 from autoshard.planner.capture.spec import parse_spec  # noqa: E402
 from autoshard.planner.capture.trace import capture  # noqa: E402
-from benchmarks.calibration_runs import CalibrationRun, load_runs  # noqa: E402
+from autoshard.planner.search.layouts import framework_choices  # noqa: E402
+from benchmarks.calibration_runs import VPP_UNSTATED, CalibrationRun, load_runs  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 FAMILY_KEYS = ("gemm_efficiency_max",)
@@ -67,10 +68,29 @@ class Case:
 
 
 def fitting_layout(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> CalibrationRun:
-    """A run whose source does not state its recompute did fit in memory: take the least recompute that
-    fits by our memory model: none, then selective, then Megatron's block recompute (full recompute of the
-    first k blocks of every model chunk, the least k that fits), full of every block last. Stated settings
-    are never changed."""
+    """A run as it is priced: what its source leaves unstated, filled as an expert would have tuned it.
+
+    An unstated recompute: the run did fit in memory, so the least recompute that fits by our memory model:
+    none, then selective, then Megatron's block recompute (full recompute of the first k blocks of every
+    model chunk, the least k that fits), full of every block last. An unstated interleaving degree (pp > 1):
+    the fastest that fits among the framework's (planner/search/layouts.py framework_choices), each with its
+    least recompute. Stated settings are never changed."""
+    if not any(a.startswith(VPP_UNSTATED) for a in run.assumptions):
+        return _least_recompute(run, graph, profile)
+    best, best_step = run, math.inf
+    for vpp in framework_choices(graph, run.training, run.layout.pp)[1]:
+        schedule = "interleaved_1f1b" if vpp > 1 else "1f1b"
+        option = _least_recompute(dataclasses.replace(run, layout=dataclasses.replace(
+            run.layout, vpp=vpp, schedule=schedule)), graph, profile)
+        est = estimate(graph, option.layout, option.training, profile, recompute=option.recompute_blocks)
+        if est.fits and est.step_time_s < best_step:
+            best, best_step = option, est.step_time_s
+    note = f"vpp={best.layout.vpp}: the fastest that fits by our model (not stated)"
+    return dataclasses.replace(best, assumptions=(*best.assumptions, note))
+
+
+def _least_recompute(run: CalibrationRun, graph: ModelGraph, profile: Profile) -> CalibrationRun:
+    """The run with the least recompute that fits when its source does not state one (fitting_layout)."""
     if not any(a.startswith("recompute=") for a in run.assumptions):
         return run
     chunks = run.layout.pp * run.layout.vpp
@@ -228,17 +248,11 @@ def main() -> None:
                         help="global coefficients kept at their prior (not fitted)")
     parser.add_argument("--write-profiles", action="store_true",
                         help="store the all-runs fit in hardware_profiles/*.yaml (fitted section)")
+    parser.add_argument("--holdout", type=Path,
+                        help="runs in the calibration schema never fitted: predicted with the all-runs fit")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    runs, skipped = load_runs()
-    cases = []
-    for run in runs:
-        try:
-            graph = graph_for(run)
-            profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
-            cases.append(Case(run=fitting_layout(run, graph, profile), graph=graph, profile=profile))
-        except Exception as exc:  # noqa: BLE001 - report and go on: one bad run must not hide the rest
-            skipped.append((run.id, f"capture/estimate failed: {type(exc).__name__}: {exc}"))
+    cases, skipped = load_cases()
     print(f"{len(cases)} runs captured in {time.perf_counter() - t0:.0f} s; {len(skipped)} skipped", file=sys.stderr)
     prior = initial(cases)
     fitted = fit(cases, prior, frozen=tuple(args.freeze))
@@ -256,11 +270,45 @@ def main() -> None:
         prior_tok, _ = predict(c, prior)
         rows.append((c, prior_tok, tok, cv_pred.get(c.run.id), mem))
     report = render(rows, fitted, prior, skipped, time.perf_counter() - t0)
+    if args.holdout:
+        report += "\n" + held_out(args.holdout, fitted)
     print(report)
     if args.write:
         args.write.write_text(report)
     if args.write_profiles:
         write_profiles(fitted, cases, tuple(args.freeze))
+
+
+def load_cases(path: Path | None = None) -> tuple[list[Case], list[tuple[str, str]]]:
+    """The runs of a calibration file (the shared one by default) as priced: captured, unstated settings
+    filled (fitting_layout); (id, reason) for each one skipped."""
+    runs, skipped = load_runs(path)
+    cases = []
+    for run in runs:
+        try:
+            graph = graph_for(run)
+            profile = load_profile(run.profile, gpu_memory_gib=run.gpu_memory_gib)
+            cases.append(Case(run=fitting_layout(run, graph, profile), graph=graph, profile=profile))
+        except Exception as exc:  # noqa: BLE001 - report and go on: one bad run must not hide the rest
+            skipped.append((run.id, f"capture/estimate failed: {type(exc).__name__}: {exc}"))
+    return cases, skipped
+
+
+def held_out(path: Path, fitted: dict[str, float]) -> str:
+    """Markdown: each run of `path` (never fitted) predicted with the all-runs coefficients (a coefficient
+    they need that the fit has not seen stays at its prior)."""
+    cases, skipped = load_cases(path)
+    coeffs = {**initial(cases), **fitted}
+    out = ["## Held-out runs (never fitted)", "", f"`{path.name}`, predicted with the coefficients above.", "",
+           "| run | profile | framework | layout | measured tok/s/GPU | predicted | error |", "|---|---|---|---|---|---|---|"]
+    errors = []
+    for c in cases:
+        tok, meas = predict(c, coeffs)[0], c.run.tokens_per_sec_per_gpu
+        errors.append(tok / meas - 1)
+        out.append(f"| {c.run.id} | {c.run.profile} | {c.run.training.framework} | {short_layout(c.run.layout)} | "
+                   f"{meas:,.1f} | {tok:,.0f} | {errors[-1]:+.1%} |")
+    out += ["", f"- {summarise(errors)}"] + [f"- skipped {i}: {why}" for i, why in skipped]
+    return "\n".join(out) + "\n"
 
 
 def write_profiles(fitted: dict[str, float], cases: list[Case], frozen: tuple[str, ...] = ()) -> None:
@@ -314,6 +362,10 @@ def write_kernel_efficiencies(fitted: dict[str, float]) -> None:
     path.write_text(text)
 
 
+def short_layout(lay: Layout) -> str:
+    return f"tp{lay.tp} pp{lay.pp} v{lay.vpp} cp{lay.cp} ep{lay.ep} dp{lay.dp} z{lay.zero} mbs{lay.mbs} {lay.recompute}"
+
+
 def render(rows, fitted, prior, skipped, seconds) -> str:
     out = ["| run | profile | layout | measured tok/s/GPU | prior | fitted | CV | CV error | mem GiB pred / meas |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -328,8 +380,7 @@ def render(rows, fitted, prior, skipped, seconds) -> str:
         mm = c.run.peak_memory_gib
         if mm:
             mem_err.append(mem / mm - 1)
-        lay = c.run.layout
-        short = f"tp{lay.tp} pp{lay.pp} v{lay.vpp} cp{lay.cp} ep{lay.ep} dp{lay.dp} z{lay.zero} mbs{lay.mbs} {lay.recompute}"
+        short = short_layout(c.run.layout)
         cv = f"{cv_tok:,.0f} | {cv_tok / meas - 1:+.1%}" if cv_tok is not None else "- | -"
         memtxt = f"{mem:.1f} / {mm:.1f}" if mm else f"{mem:.1f} / -"
         out.append(f"| {c.run.id} | {c.profile.name} | {short} | {meas:,.1f} | {p_tok:,.0f} | {f_tok:,.0f} | {cv} | {memtxt} |")

@@ -32,10 +32,12 @@ Rules
 2. Layout. tp/pp/cp/ep from `parallel`; dp = num_gpus/(tp*pp*cp). A run whose tp or pp is null (Table 2
    PTD-P rows give only TP*PP) is skipped; so is one whose GPUs do not divide, or that `Layout` rejects
    (ep must divide dp*cp).
-   * vpp: null -> 1 with schedule "1f1b"; vpp > 1 -> "interleaved_1f1b". Exception: a source that names
-     the interleaved schedule in `pp_schedule` without a degree (torchtitan) gets vpp 2, torchtitan's
-     default of two stages per rank when no split points are given. SC'21 Table 1 says "interleaved" only
-     in prose, with no degree (and 60 layers / pp 4 rule out 2): vpp 1, recorded.
+   * vpp: vpp > 1 -> "interleaved_1f1b". A source that names the interleaved schedule in `pp_schedule`
+     without a degree (torchtitan) gets vpp 2, torchtitan's default of two stages per rank when no split
+     points are given; one that names another (1F1B) gets 1. Otherwise null with pp > 1 is unstated, like an unstated recompute: priced at the
+     fastest interleaving degree that fits by our memory model among those the framework runs (1 where it
+     does not interleave; benchmarks/accuracy.py `fitting_layout`): experts tune what they do not report.
+     SC'21 Table 1 says "interleaved" only in prose, with no degree: the same rule.
    * zero: `zero_stage` when given; FSDP full shard (`fsdp` text: FSDP / Megatron-FSDP) -> 3; else by
      framework: Megatron SC'21 and Korthikanti (plain DP, fp32 gradients) -> 0; NeMo, Megatron-Bridge and
      the Megatron-Core H100 README (distributed optimizer on in their recipes) -> 1; MegaScale -> 1
@@ -62,7 +64,10 @@ Rules
       Megatron-LM baseline, and its `megascale` variant (those collectives overlapped) for MegaScale's own
       rows, whose notes name communication overlap; Megatron-Core for the Megatron-Core README, NeMo and
       Megatron-Bridge; torchtitan; PyTorch FSDP alone (torch_fsdp, through Composer) for llm-foundry;
-      nanotron for the Ultra-Scale Playbook.
+      nanotron for the Ultra-Scale Playbook. A family not among these: the framework its group, title or
+      notes name (_NAMED_FRAMEWORK), else Megatron-Core with TE, the reference kernels (a run published at
+      scale ran on a tuned stack; autoshard's own eager runtime, `torch`, is the planner's default, not a
+      guess for somebody else's run).
 4. Profile, from `hardware.gpu` and `hardware.inter_node`: GB200 -> gb200_nvl72; B200 -> b200_ib;
    H200 -> h200_ib; H800 -> h800_ib; H100 -> h100_efa when the network text says EFA, h100_roce when it
    says RoCE, else h100_ib (torchtitan's 96GB HBM2e 500 W H100 -> h100_ib with gpu_memory_gib 96);
@@ -378,6 +383,10 @@ def _recompute(entry: Mapping[str, Any], notes: list[str]) -> str:
     return "none"
 
 
+VPP_UNSTATED = "vpp=unstated"
+"""The assumption note that marks a pipeline run whose interleaving degree the source does not give."""
+
+
 def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
     par, tr, hw, group = entry["parallel"], entry["training"], entry["hardware"], entry.get("group", "")
     if par.get("tp") is None or par.get("pp") is None:
@@ -400,9 +409,11 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
                      "puts 2 stages per rank when no split points are given")
     elif vpp is None:
         vpp = 1
-        if pp > 1 and "interleav" in str(entry.get("notes", "")).lower():
-            notes.append("vpp=1: the source used an interleaved schedule but gives no degree; plain 1F1B assumed "
-                         "(the bubble is overestimated)")
+        if pp > 1 and not schedule_text:  # a named schedule other than interleaved is one chunk per rank
+            said = "the source used an interleaved schedule but gives no degree" \
+                if "interleav" in str(entry.get("notes", "")).lower() else "not stated"
+            notes.append(f"{VPP_UNSTATED}: {said}; priced at the fastest that fits by our model among the "
+                         "framework's interleaving degrees, as an unstated recompute (benchmarks/accuracy.py)")
     vpp = int(vpp)
 
     mbs = tr.get("micro_batch")
@@ -501,8 +512,18 @@ _GROUP_FRAMEWORK = {
 ZeRO-3 (megatron_2023; same kernels as megatron), llm-foundry's 2023 MPT runs used FSDP alone (torch_fsdp)."""
 
 
+_NAMED_FRAMEWORK = (
+    ("torchtitan", "torchtitan"), ("nanotron", "nanotron"), ("ultra-scale", "nanotron"),
+    ("llm-foundry", "torch_fsdp"), ("composer", "torch_fsdp"), ("fsdp", "torch_fsdp"),
+    ("nemo", "megatron"), ("megatron", "megatron"), ("transformer engine", "megatron"),
+)
+"""For a source family not in _GROUP_FRAMEWORK: the first of these words in its group, source title or
+notes names the framework."""
+
+
 def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
-    """What ran the layout: DeepSpeed when the notes say so, else the source family's framework (rule 3b)."""
+    """What ran the layout: DeepSpeed when the notes say so, else the source family's framework (rule 3b),
+    else the framework its text names, else Megatron-Core's."""
     if "deepspeed" in str(entry.get("notes", "")).lower():
         if entry.get("group") == "megatron_sc21":  # DeepSpeed as it was in 2021 (cost_models/framework.py)
             notes.append("framework=deepspeed_2021: SC'21 (2021) ran DeepSpeed v0.3-0.5, whose stage-3 fetches "
@@ -514,9 +535,19 @@ def _framework(entry: Mapping[str, Any], notes: list[str]) -> str:
         notes.append("framework=megascale: the notes name MegaScale's communication overlap (NSDI'24 Sec. 3.2: "
                      "data-parallel collectives under the first forward and last backward)")
         return "megascale"
-    if group not in _GROUP_FRAMEWORK:
-        notes.append("framework=torch: the source's framework is not known; torch-native assumed")
-    return _GROUP_FRAMEWORK.get(group, "torch")
+    if group in _GROUP_FRAMEWORK:
+        return _GROUP_FRAMEWORK[group]
+    source = entry.get("source")
+    text = " ".join(str(t) for t in (group, source.get("title") if isinstance(source, Mapping) else source,
+                                     entry.get("notes"))).lower()
+    for word, framework in _NAMED_FRAMEWORK:
+        if word in text:
+            notes.append(f"framework={framework}: a source family not seen before that names {word!r}")
+            return framework
+    notes.append("framework=megatron: the source does not name its framework; Megatron-Core with Transformer "
+                 "Engine assumed, the reference kernels (a run published at scale ran on a tuned stack, not "
+                 "on eager PyTorch)")
+    return "megatron"
 
 
 # --------------------------------------------------------------------------------------------- profile
