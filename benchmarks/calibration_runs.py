@@ -12,6 +12,9 @@ next to the repository root). Definitions (MFU vs HFU vs Megatron eq.(3), dp, ep
 
 Rules
 -----
+0. Reading. Integer fields written as text ("8", "16,384", "ZeRO-1") or as whole floats are read as
+   integers (INT_FIELDS); an entry no rule can read is skipped with the error as its reason, and the
+   file's other runs still load.
 1. Model completion.
    * `ffn_hidden: null` (the GPT-style runs) -> 4 x hidden, the sources' standard GPT MLP.
    * `kv_heads: null` -> heads (multi-head attention).
@@ -45,7 +48,8 @@ Rules
    * mbs: `training.micro_batch`, null -> 1. For torchtitan pipeline runs the table's "local batch" is
      split into pp micro-batches (torchtitan's default `pipeline_parallel_microbatches` = pp degree), so
      mbs = local batch / pp.
-   * recompute: `training.recompute` when none|selective|full; null -> "none" for NeMo/Megatron-Bridge
+   * recompute: `training.recompute` when none|selective|full (or text naming one: "selective ...", "full
+     ...", "activation checkpointing", yes/no); null -> "none" for NeMo/Megatron-Bridge
      recipes, "selective" for the Megatron-Core H100 README, else "none".
    * sequence_parallel: `parallel.sequence_parallel`; null -> True when tp > 1 (False when tp == 1, where
      it has no effect).
@@ -198,6 +202,11 @@ def load_runs(path: str | Path | None = None) -> tuple[list[CalibrationRun], lis
             runs.append(build_run(entry))
         except SkipRun as e:
             skipped.append((str(entry.get("id", "?")), str(e)))
+        except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a value of a kind no rule reads (a number as free text, a missing block): this run is
+            # skipped with the reason, the file's other runs still count
+            skipped.append((str(entry.get("id", "?")) if isinstance(entry, Mapping) else "?",
+                            f"unreadable entry: {type(e).__name__}: {e}"))
     return runs, skipped
 
 
@@ -368,10 +377,32 @@ def _zero(entry: Mapping[str, Any], notes: list[str]) -> int:
     return 1
 
 
+def _recompute_said(value: Any) -> str | None:
+    """none | selective | full from a source's text (or a yes/no), None when it says none of them."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if text in _RECOMPUTE:
+        return text
+    if "selective" in text:
+        return "selective"
+    if "full" in text or "checkpoint" in text or text in ("yes", "on", "true"):
+        return "full"
+    if text in ("no", "off", "false", "disabled", "n/a"):
+        return "none"
+    return None
+
+
 def _recompute(entry: Mapping[str, Any], notes: list[str]) -> str:
     value = entry["training"].get("recompute")
-    if isinstance(value, str) and value.strip().lower() in _RECOMPUTE:
-        return value.strip().lower()
+    if (said := _recompute_said(value)) is not None:
+        if not (isinstance(value, str) and value.strip().lower() == said):
+            notes.append(f"recompute={said}: the source says {value!r}")
+        return said
+    if value is not None:
+        notes.append(f"recompute: the source's {value!r} is not none, selective or full; treated as not stated")
     group = entry.get("group", "")
     if group in _MCORE_RECIPE_GROUPS:
         notes.append("recompute=none: not stated; NeMo/Megatron-Bridge performance recipes run without it")
@@ -589,6 +620,9 @@ def _profile(entry: Mapping[str, Any], notes: list[str]) -> tuple[str, float | N
                          "there is no A100 RoCE profile")
         elif "infiniband" not in net:
             notes.append("profile=a100_ib: network not stated; InfiniBand assumed")
+        if "40gb" in gpu.replace(" ", ""):
+            notes.append("profile=a100_ib with 40 GiB: the A100 40GB part")
+            return "a100_ib", 40.0
         return "a100_ib", None
     raise SkipRun(f"no hardware profile for GPU {hw.get('gpu')!r}")
 
@@ -651,11 +685,47 @@ def throughput_estimates(
 # ------------------------------------------------------------------------------------------------ runs
 
 
+INT_FIELDS = {
+    "model": ("layers", "hidden", "ffn_hidden", "heads", "kv_heads", "vocab", "seq_len", "head_dim"),
+    "hardware": ("num_gpus", "gpus_per_node"),
+    "training": ("global_batch_sequences", "global_batch_tokens", "micro_batch", "seq_len"),
+    "parallel": ("tp", "pp", "vpp", "cp", "ep", "dp", "zero_stage"),
+}
+"""Integer fields of the schema, read as integers when a source writes them as text ("8", "1,024") or as
+a whole float (16384.0); a ZeRO stage also as "ZeRO-1" or "stage 3"."""
+
+
+def _normalized(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry with its integer fields (INT_FIELDS) as int where their text is a plain number."""
+    out = dict(entry)
+    for section, keys in INT_FIELDS.items():
+        block = dict(out[section]) if isinstance(out.get(section), Mapping) else None
+        if block is None:
+            continue
+        for key in keys:
+            block[key] = _as_int(block.get(key), stage=key == "zero_stage")
+        out[section] = block
+    return out
+
+
+def _as_int(value: Any, *, stage: bool = False) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().replace(",", "").replace("_", "")
+        if text.isdigit():
+            return int(text)
+        if stage and (m := re.fullmatch(r"(?:zero|stage)[\s_-]*(\d)", text.lower())):
+            return int(m.group(1))
+    return value
+
+
 def build_run(entry: Mapping[str, Any]) -> CalibrationRun:
     """One YAML entry as a CalibrationRun; raises SkipRun(reason) when it cannot be used."""
     for key in ("id", "model", "hardware", "training", "parallel", "measured"):
         if not isinstance(entry.get(key), Mapping if key != "id" else str):
             raise SkipRun(f"entry has no `{key}`")
+    entry = _normalized(entry)
     notes: list[str] = []
     training = _training(entry, notes)
     model = _complete_model(entry, training.seq_len, notes)

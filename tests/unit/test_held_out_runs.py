@@ -57,3 +57,23 @@ def test_an_unstated_interleaving_degree_is_priced_at_the_fastest_that_fits():
             assumptions=tuple(a for a in run.assumptions if not a.startswith(cr.VPP_UNSTATED))), graph, profile)
         est = estimate(graph, other.layout, other.training, profile, recompute=other.recompute_blocks)
         assert not est.fits or est.step_time_s >= chosen.step_time_s
+
+
+def test_numbers_written_as_text_and_recompute_in_words_are_read():
+    run = _run(parallel__tp="8", parallel__zero_stage="ZeRO-1", model__hidden=16384.0, hardware__num_gpus="16,384",
+               training__recompute="selective (attention only)")
+    assert (run.layout.tp, run.layout.zero, run.layout.dp, run.layout.recompute) == (8, 1, 128, "selective")
+    assert _run(training__recompute=True).layout.recompute == "full"
+    assert _run(hardware__gpu="A100 40GB").gpu_memory_gib == 40.0
+
+
+def test_an_unreadable_entry_is_skipped_with_its_reason_and_the_rest_still_load(tmp_path):
+    import yaml
+
+    bad = copy.deepcopy(ENTRY)
+    bad["id"], bad["parallel"]["cp"] = "bad", "sixteen"
+    path = tmp_path / "runs.yaml"
+    path.write_text(yaml.safe_dump({"runs": [ENTRY, bad]}))
+    runs, skipped = cr.load_runs(path)
+    assert [r.id for r in runs] == [ENTRY["id"]]
+    assert skipped[0][0] == "bad" and "sixteen" in skipped[0][1]
