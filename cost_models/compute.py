@@ -5,6 +5,7 @@ time = GEMM FLOPs / (peak(dtype) x efficiency(GEMM size))        (Calculon, Isae
                                                                    attention fused, one kernel per CP
                                                                    ring step)
      + elementwise HBM traffic / HBM bandwidth                     (norms, activations, rope: memory bound)
+     + the loss's HBM passes over the logits / HBM bandwidth       (cross-entropy in fp32: memory bound)
 Backward: GEMMs twice the forward (data and weight gradients); fused attention 2.5x (FlashAttention-2,
 arXiv:2307.08691: 5 matmuls backward against 2 forward); elementwise twice.
 FP8 speeds up only the GEMMs; attention and elementwise ops stay in 16 bits.
@@ -27,6 +28,14 @@ from .work import UnitWork
 GEMM_BWD_FACTOR = 2.0
 ATTN_BWD_FACTOR = 2.5
 ELEMENTWISE_BWD_FACTOR = 2.0
+LOSS_FWD_BYTES = 22
+"""HBM bytes per logit of the cross-entropy's forward, memory bound: the upcast to fp32 (read 2, write 4),
+the log-softmax (its max and sum passes read 4 + 4, its output reads 4 and writes 4), the nll gather
+(negligible). A 256K vocabulary makes this a few percent of a step (Nemotron), more on a narrow model
+(GPT-OSS: hidden 2,880, vocabulary 201,088)."""
+LOSS_BWD_BYTES = 22
+"""Its backward: the nll gradient (write 4), the log-softmax backward (read 4 + 4, write 4) and the cast
+back to 16 bits (read 4, write 2)."""
 UNFUSED_SCORE_PASSES = 4
 """HBM passes over the score matrix in an unfused forward: softmax read + write, dropout read + write."""
 
@@ -88,8 +97,10 @@ def unit_compute(
         eff = k * attention_ratio * best * per_kernel / (per_kernel + profile.gemm_half_flops)
         attn_f = flops / (profile.bf16_flops_per_s * eff) if flops else 0.0
     elem_f = profile.elementwise_traffic_factor * work.act_bytes * tokens / shard / profile.hbm_bw_bytes_per_s
-    fwd = gemm_f + attn_f + elem_f
-    bwd = GEMM_BWD_FACTOR * gemm_f + ATTN_BWD_FACTOR * attn_f + ELEMENTWISE_BWD_FACTOR * elem_f
+    logits = work.logits * tokens / shard  # the loss's passes over this GPU's logits (vocabulary-parallel under TP)
+    fwd = gemm_f + attn_f + elem_f + LOSS_FWD_BYTES * logits / profile.hbm_bw_bytes_per_s
+    bwd = GEMM_BWD_FACTOR * gemm_f + ATTN_BWD_FACTOR * attn_f + ELEMENTWISE_BWD_FACTOR * elem_f \
+        + LOSS_BWD_BYTES * logits / profile.hbm_bw_bytes_per_s
     redo = {"none": 0.0, "selective": attn_f, "full": fwd}[recompute] if work.kind == "block" else 0.0
     return ComputeTime(fwd_s=fwd, bwd_s=bwd + redo, recompute_s=redo, attn_fwd_s=attn_f, gemm_fwd_s=gemm_f)
 

@@ -44,6 +44,8 @@ class UnitWork:
     """Of act_bytes, what the attention core saves (selective recompute drops it)."""
     input_bytes: float
     """The unit's input activation (what full recompute keeps)."""
+    logits: int = 0
+    """Logits per token the unit computes for the loss (the head's vocabulary; 0 elsewhere)."""
     gathered_bytes: float = 0.0
     """Per token, the inputs its column-parallel linears all-gather under sequence parallelism: the
     attention's and the MLP's (their q/k/v or gate/up linears share one gather) in a block, the head's.
@@ -104,6 +106,7 @@ def unit_work(graph: ModelGraph, unit: Unit) -> UnitWork:
         core_bytes=core_fused / tokens,
         input_bytes=graph.hidden * ACT_BYTES if unit.kind == "block" else 0.0,
         gathered_bytes=graph.hidden * ACT_BYTES * _gathered_inputs(unit),
+        logits=graph.vocab if unit.kind == "head" else 0,
         dense_params=unit.params - expert,
         expert_params=expert,
         expert_flops=expert_flops * load,

@@ -36,7 +36,7 @@ from autoshard.hardware_profiles import Profile
 from autoshard.planner.capture.model_graph import ModelGraph
 
 MBS_CHOICES = (1, 2, 4, 8)
-VPP_CHOICES = (1, 2, 4)
+VPP_CHOICES = (1, 2, 4, 8)
 ZERO_ORDER = (0, 1, 2, 3)
 """Every stage: ZeRO-1's reduce-scatter + all-gather move what plain DP's all-reduce moves, but across many
 nodes NCCL runs the all-reduce as a tree (log-depth latency) and the other two as rings, so ZeRO-0 can win

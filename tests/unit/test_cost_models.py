@@ -540,3 +540,19 @@ def test_megatron_hides_the_column_linears_backward_collectives_under_their_gemm
     slow = FITTED["overlap_slowdown"] - 1
     assert t == pytest.approx(6 * one + slow * 4 * one)
     assert _tp_block_time(0.0, overlap=True)[0] == pytest.approx(10 * one)
+
+
+def test_the_loss_passes_over_this_gpus_logits_at_hbm_bandwidth():
+    """The head's cross-entropy: 22 + 22 HBM bytes per logit (fp32 upcast, log-softmax, their backward) over
+    the tokens / cp x vocab / tp logits a GPU holds, by hand."""
+    from autoshard.cost_models.compute import LOSS_BWD_BYTES, LOSS_FWD_BYTES
+
+    head = UnitWork(name="output", kind="head", gemm_flops=0, gemm_calls=1, attn_flops=0, act_bytes=0,
+                    core_bytes=0, input_bytes=0, dense_params=0, expert_params=0, logits=256_000)
+    kw = {"tokens": 16384, "precision": "bf16", "recompute": "none", "profile": PROFILE}
+    t = unit_compute(head, tp=2, cp=2, **kw)
+    logits = 16384 / 2 * 256_000 / 2
+    assert t.fwd_s == pytest.approx(LOSS_FWD_BYTES * logits / PROFILE.hbm_bw_bytes_per_s, rel=1e-12)
+    assert t.bwd_s == pytest.approx(LOSS_BWD_BYTES * logits / PROFILE.hbm_bw_bytes_per_s, rel=1e-12)
+    assert (LOSS_FWD_BYTES, LOSS_BWD_BYTES) == (2 + 4 + 4 + 4 + 4 + 4, 4 + 4 + 4 + 4 + 4 + 2)
+    assert unit_compute(dataclasses.replace(head, logits=0), tp=2, cp=2, **kw).fwd_s == 0
