@@ -36,8 +36,8 @@ Rules
    PTD-P rows give only TP*PP) is skipped; so is one whose GPUs do not divide, or that `Layout` rejects
    (ep must divide dp*cp).
    * vpp: vpp > 1 -> "interleaved_1f1b". A source that names the interleaved schedule in `pp_schedule`
-     without a degree (torchtitan) gets vpp 2, torchtitan's default of two stages per rank when no split
-     points are given; one that names another (1F1B) gets 1. Otherwise null with pp > 1 is unstated, like an unstated recompute: priced at the
+     without a degree gets vpp 2 under torchtitan (its default of two stages per rank when no split
+     points are given), the unstated rule below elsewhere; one that names another (1F1B) gets 1. Otherwise null with pp > 1 is unstated, like an unstated recompute: priced at the
      fastest interleaving degree that fits by our memory model among those the framework runs (1 where it
      does not interleave; benchmarks/accuracy.py `fitting_layout`): experts tune what they do not report.
      SC'21 Table 1 says "interleaved" only in prose, with no degree: the same rule.
@@ -434,15 +434,16 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
 
     vpp = par.get("vpp")
     schedule_text = str(par.get("pp_schedule") or "").lower()
-    if vpp is None and pp > 1 and "interleaved" in schedule_text:
+    torchtitan = _framework(entry, []) == "torchtitan"
+    if vpp is None and pp > 1 and "interleaved" in schedule_text and torchtitan:
         vpp = 2
         notes.append(f"vpp=2: the source names the {par['pp_schedule']} schedule without a degree; torchtitan "
                      "puts 2 stages per rank when no split points are given")
     elif vpp is None:
         vpp = 1
-        if pp > 1 and not schedule_text:  # a named schedule other than interleaved is one chunk per rank
+        if pp > 1 and (not schedule_text or "interleav" in schedule_text):  # another named schedule: one chunk
             said = "the source used an interleaved schedule but gives no degree" \
-                if "interleav" in str(entry.get("notes", "")).lower() else "not stated"
+                if "interleav" in f"{schedule_text} {entry.get('notes', '')}".lower() else "not stated"
             notes.append(f"{VPP_UNSTATED}: {said}; priced at the fastest that fits by our model among the "
                          "framework's interleaving degrees, as an unstated recompute (benchmarks/accuracy.py)")
     vpp = int(vpp)

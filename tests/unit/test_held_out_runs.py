@@ -77,3 +77,10 @@ def test_an_unreadable_entry_is_skipped_with_its_reason_and_the_rest_still_load(
     runs, skipped = cr.load_runs(path)
     assert [r.id for r in runs] == [ENTRY["id"]]
     assert skipped[0][0] == "bad" and "sixteen" in skipped[0][1]
+
+
+def test_an_interleaved_schedule_without_a_degree_is_torchtitans_two_chunks_or_else_unstated():
+    megatron = _run(parallel__pp_schedule="interleaved 1F1B")
+    assert megatron.layout.vpp == 1 and any(a.startswith(cr.VPP_UNSTATED) for a in megatron.assumptions)
+    titan = _run(parallel__pp_schedule="Interleaved 1F1B", source__title="pytorch/torchtitan benchmarks")
+    assert (titan.layout.vpp, titan.layout.schedule) == (2, "interleaved_1f1b")
