@@ -418,7 +418,7 @@ VPP_UNSTATED = "vpp=unstated"
 """The assumption note that marks a pipeline run whose interleaving degree the source does not give."""
 
 
-def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
+def _layout(entry: Mapping[str, Any], notes: list[str], framework: str) -> Layout:
     par, tr, hw, group = entry["parallel"], entry["training"], entry["hardware"], entry.get("group", "")
     if par.get("tp") is None or par.get("pp") is None:
         mp = par.get("model_parallel_size")
@@ -434,8 +434,7 @@ def _layout(entry: Mapping[str, Any], notes: list[str]) -> Layout:
 
     vpp = par.get("vpp")
     schedule_text = str(par.get("pp_schedule") or "").lower()
-    torchtitan = _framework(entry, []) == "torchtitan"
-    if vpp is None and pp > 1 and "interleaved" in schedule_text and torchtitan:
+    if vpp is None and pp > 1 and "interleaved" in schedule_text and framework == "torchtitan":
         vpp = 2
         notes.append(f"vpp=2: the source names the {par['pp_schedule']} schedule without a degree; torchtitan "
                      "puts 2 stages per rank when no split points are given")
@@ -730,7 +729,7 @@ def build_run(entry: Mapping[str, Any]) -> CalibrationRun:
     notes: list[str] = []
     training = _training(entry, notes)
     model = _complete_model(entry, training.seq_len, notes)
-    layout = _layout(entry, notes)
+    layout = _layout(entry, notes, training.framework)
     if layout.gpus != entry["hardware"]["num_gpus"]:
         raise SkipRun(f"layout covers {layout.gpus} GPUs, the run used {entry['hardware']['num_gpus']}")
     profile, memory = _profile(entry, notes)

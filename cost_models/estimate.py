@@ -145,7 +145,7 @@ def estimate(graph: ModelGraph, layout: Layout, training: Training, profile: Pro
             memo[key] = _data_parallel(s, part, layout, profile, groups, m, fw, grad_bytes)
         dp_exposed, opt = max(dp_exposed, memo[key][0]), max(opt, memo[key][1])
     step = pipe + dp_exposed + opt
-    parts_mem = _memories(graph, layout, training, fw, stages, memo)
+    parts_mem = _memories(layout, training, fw, stages, memo)
     totals = [_total(states, working, logits, held) for states, (working, logits, _), held in parts_mem]
     peak = max(range(len(totals)), key=totals.__getitem__)
     gpus = layout.gpus
@@ -179,7 +179,7 @@ def peak_memory(graph: ModelGraph, layout: Layout, training: Training, *, work: 
     memo = {} if memo is None else memo
     fw, stages, degrees = _setup(graph, layout, training, None, None, work, None, memo)
     return max(_total(states, working, logits, held)
-               for states, (working, logits, _), held in _memories(graph, layout, training, fw, stages, memo))
+               for states, (working, logits, _), held in _memories(layout, training, fw, stages, memo))
 
 
 def pipeline_time(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
@@ -221,7 +221,7 @@ def _setup(graph: ModelGraph, layout: Layout, training: Training, split: list[in
     return fw, stages, (layout.tp, layout.cp, layout.pp, layout.dp, layout.ep, layout.mbs, layout.sp, layout.async_tp)
 
 
-def _memories(graph: ModelGraph, layout: Layout, training: Training, fw: Framework, stages: list[_Stage],
+def _memories(layout: Layout, training: Training, fw: Framework, stages: list[_Stage],
               memo: dict) -> list[tuple[memory.StageMemory, tuple[float, float, float], float]]:
     """Each stage's (model states and buffers: _stage_states, activations: _stage_activations, bytes of the
     micro-batches it holds in flight), the first two kept in `memo` (ZeRO stages share the activations,
@@ -237,8 +237,8 @@ def _memories(graph: ModelGraph, layout: Layout, training: Training, fw: Framewo
                 memo[states_key] = _stage_states(s, layout, training.grad_bytes(fw.grad_bytes))
             acts_key = ("activations", s.key, layout.tp, layout.cp, layout.sp, layout.mbs)
             if acts_key not in memo:
-                memo[acts_key] = _stage_activations(s, layout, graph.vocab, layout.mbs * training.seq_len,
-                                                    training.attention, fw)
+                memo[acts_key] = _stage_activations(s, layout, layout.mbs * training.seq_len, training.attention,
+                                                    fw)
             kept[s.key] = memo[states_key], memo[acts_key]
         states, acts = kept[s.key]
         out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
@@ -527,7 +527,7 @@ def _stage_states(stage: _Stage, layout: Layout, grad_bytes: float) -> memory.St
     return mem
 
 
-def _stage_activations(stage: _Stage, layout: Layout, vocab: int, tokens: float, attention: str,
+def _stage_activations(stage: _Stage, layout: Layout, tokens: float, attention: str,
                        fw: Framework) -> tuple[float, float, float]:
     """(activations held whatever the micro-batches in flight: full recompute's working block, the logits,
     the activations one micro-batch leaves saved) on one GPU of a stage."""
@@ -541,17 +541,17 @@ def _stage_activations(stage: _Stage, layout: Layout, vocab: int, tokens: float,
             * (1 - 1 / layout.cp)
     full = [w for w, mode, _ in stage.kinds if mode == "full" and w.kind == "block"]
     working = max((memory.working_activations(w, **kw) for w in full), default=0.0)
-    logits = sum(loss_peak(w, layout, vocab, tokens, fw) for w, _, _ in stage.kinds if w.kind == "head")
+    logits = sum(loss_peak(w, layout, tokens, fw) for w, _, _ in stage.kinds if w.kind == "head")
     return working, logits, per_mb
 
 
-def loss_peak(head: UnitWork, layout: Layout, vocab: int, tokens: float, fw: Framework) -> float:
+def loss_peak(head: UnitWork, layout: Layout, tokens: float, fw: Framework) -> float:
     """What the loss holds at its backward, once whatever the micro-batches in flight (the last chunk runs
     each micro-batch's backward right after its forward): the logits and, under the framework's
     sequence-parallel styles, the head's gathered input beyond its shard."""
     whole = memory.gathered_whole(head, tokens=tokens, tp=layout.tp, cp=layout.cp, sp=layout.sp) \
         if fw.sp_saves_gathered else 0.0
-    return whole + memory.logits_bytes(tokens, vocab, tp=layout.tp, cp=layout.cp,
+    return whole + memory.logits_bytes(tokens, head.logits, tp=layout.tp, cp=layout.cp,
                                        logit_bytes=fw.logit_bytes_at(layout.tp))
 
 

@@ -82,10 +82,9 @@ class StageILP:
     """Build and solve the model above for one layout."""
 
     def __init__(self, work: list[UnitWork], layout: Layout, training: Training, profile: Profile,
-                 *, vocab: int, modes: tuple[str, ...] = RECOMPUTE, framework: Framework | None = None) -> None:
+                 *, modes: tuple[str, ...] = RECOMPUTE, framework: Framework | None = None) -> None:
         self.layout, self.training, self.profile, self.modes = layout, training, profile, modes
         self.fw = with_cp_attention(framework or get_framework(training.framework), training.cp_attention)
-        self.vocab = vocab
         self.m = training.global_batch // (layout.dp * layout.mbs)
         self.tokens = layout.mbs * training.seq_len
         self.groups = comm.layout_groups(layout)
@@ -138,7 +137,7 @@ class StageILP:
         kw = self._activation_kw()
         held = pipeline.in_flight(stage, p, self.m, lay.vpp, lay.schedule)
         mem = sum(self._states(w) + held * memory.block_activations(w, recompute="none", **kw) for w in units)
-        mem += sum(loss_peak(w, lay, self.vocab, self.tokens, self.fw) for w in units if w.kind == "head")
+        mem += sum(loss_peak(w, lay, self.tokens, self.fw) for w in units if w.kind == "head")
         if lay.zero == 3:
             # gathered weights of the running and the prefetched block and one block's fp32 gradients
             biggest = max(w.dense_params + w.expert_params / lay.ep for run in self.runs for w in run.blocks[:1])

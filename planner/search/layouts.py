@@ -386,7 +386,7 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
 
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
-                       vocab=graph.vocab, modes=modes).build()
+                       modes=modes).build()
         assignment = ilp.solve()
         result.ilp_solved += 1
         if assignment is None:

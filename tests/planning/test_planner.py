@@ -125,7 +125,7 @@ def test_ilp_split_is_priced_like_estimate(llama405b):
     training = Training(global_batch=2048, seq_len=8192)
     layout = Layout(tp=8, pp=16, dp=128)
     work = model_work(llama405b)
-    assignment = StageILP(work, layout, training, H100, vocab=llama405b.vocab).build().solve()
+    assignment = StageILP(work, layout, training, H100).build().solve()
     est = estimate(llama405b, dataclasses.replace(layout), training, H100, split=assignment.split,
                    recompute=assignment.recompute, work=work)
     assert est.fits
