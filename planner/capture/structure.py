@@ -186,24 +186,26 @@ def _attention_layout(model: nn.Module, info: AttentionInfo, events: list[Event]
 
 def _fused_qkv(linear: str, parts: list[int], d: int, group: int, events: list[Event]) -> tuple[list[int], str]:
     """(part widths, "") for a fused projection split into [q | k | v]; ([], "") for one interleaved per head
-    group ([q heads of the group, k, v] repeated, GPT-NeoX), which contiguous column sharding cuts into whole
-    groups; ([], reason) when the recorded forward does not show which."""
-    split = next((e for e in events if e.kind == "fn" and e.info.get("linear") == linear), None)
-    if split is None:
+    group ([q heads of the group, k, v] repeated, GPT-NeoX, Falcon's new decoder), which contiguous column
+    sharding cuts into whole groups; ([], reason) when the recorded forward does not show which.
+
+    A view of the flat width into its heads [heads + 2 kv, d] alone shows neither: the next cut of that view
+    decides (Falcon: split([heads, 1, 1]) is [q | k | v]; a regrouping [kv, group + 2, d] is per group)."""
+    cuts = [e for e in events if e.kind == "fn" and e.info.get("linear") == linear]
+    if not cuts:
         return [], f"the forward never splits the output of the fused projection {linear}"
-    if split.name in ("view", "reshape", "unflatten"):
-        # the shape the flat width is viewed as: [heads + 2 kv, d] is q heads, then k, then v (Falcon's
-        # multi-query layout); [kv, (group + 2) d] or [kv, group + 2, d] is one kv group after another, each
-        # [its q heads, k, v] (GPT-NeoX, Falcon's new decoder)
-        out = split.info["out_shapes"][0] if split.info["out_shapes"] else ()
-        tail = tuple(out[len(split.info["in_shape"]) - 1:])
-        kv = parts[1] // d
-        if tail == (parts[0] // d + 2 * kv, d):
-            return parts, ""
+    kv, heads = parts[1] // d, sum(parts) // d
+    for cut in cuts:
+        if cut.name not in ("view", "reshape", "unflatten"):
+            return parts, ""  # split / chunk / slicing of the flat width or of its heads: [q | k | v]
+        out = cut.info["out_shapes"][0] if cut.info["out_shapes"] else ()
+        tail = tuple(out[len(cut.info["in_shape"]) - 1:])
         if tail in ((kv, (group + 2) * d), (kv, group + 2, d)):
             return [], ""
-        return [], f"its fused projection {linear} is viewed as {tail}, neither [q | k | v] heads nor kv groups"
-    return parts, ""  # split / chunk / slicing of the flat width: [q | k | v]
+        if tail != (heads, d):
+            return [], f"its fused projection {linear} is viewed as {tail}, neither [q | k | v] heads nor kv groups"
+    return [], (f"its fused projection {linear} is only viewed as its {heads} heads of {d}; the forward does not "
+                "show which of them are q, k and v")
 
 
 def _kv_heads_from_linears(model: nn.Module, column: list[str], heads: int, head_dim: int) -> int | None:

@@ -238,8 +238,9 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps ids unique while the run lasts
         self.param_storages: set[int] = set()
         self.seen_storages: set[int] = set()
-        self.linear_out: dict[int, str] = {}
-        """id of a linear module's output -> the linear's FQN (to record how the output is split)."""
+        self.linear_out: dict[int, tuple[str, tuple[int, ...]]] = {}
+        """id of a linear module's output, or of a view of it into heads -> (the linear's FQN, its output
+        shape), to record how the output is split."""
 
     def pre_hook(self, mod: nn.Module, args: Any) -> None:
         fqn = self.layout.fqn_of.get(id(mod))
@@ -258,7 +259,7 @@ class _Recorder(TorchFunctionMode):
         if fqn is not None and self.stack:
             self.stack.pop()
         if fqn is not None and structure.is_linear(mod) and isinstance(out, torch.Tensor):
-            self.linear_out[id(out)] = fqn
+            self.linear_out[id(out)] = (fqn, tuple(out.shape))
             self.keep.append(out)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -286,11 +287,19 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def _split_event(self, name: str, source: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Records how a linear's output is cut; `in_shape` is the linear's output shape (the flat width
+        last), also when `source` is a view of it into heads [..., n, d], whose next cut is recorded too
+        (structure._fused_qkv: such a view alone does not show which heads are q, k and v)."""
         unit = self.layout.unit_of_stack(self.stack)
-        if unit is not None:
-            info = {"linear": self.linear_out[id(source)], "in_shape": tuple(source.shape),
-                    "out_shapes": [tuple(o.shape) for o in outs]}
-            self.m.events[unit].append(structure.Event(kind="fn", name=name, stack=tuple(self.stack), info=info))
+        if unit is None:
+            return
+        linear, shape = self.linear_out[id(source)]
+        info = {"linear": linear, "in_shape": shape, "out_shapes": [tuple(o.shape) for o in outs]}
+        self.m.events[unit].append(structure.Event(kind="fn", name=name, stack=tuple(self.stack), info=info))
+        out = outs[0] if len(outs) == 1 else None
+        if out is not None and name in ("view", "reshape", "unflatten") and source.shape == shape and \
+                out.dim() == source.dim() + 1 and out.shape[:-2] == source.shape[:-1]:
+            self.linear_out[id(out)] = (linear, shape)
 
     def _flow(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         unit = self.layout.unit_of_stack(self.stack)
