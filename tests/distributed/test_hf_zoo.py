@@ -23,12 +23,13 @@ WORKER = Path(__file__).resolve().parent / "hf_zoo_worker.py"
 HF = WORKER.parents[1] / "data" / "hf"
 CASES = {
     "tiny_gpt2": ["tp=2,dp=2", "pp=2,dp=2"],          # Conv1D, fused c_attn split by split_size, tied
-    "tiny_phi3": ["tp=2,dp=2", "tp=4"],               # fused qkv_proj and gate_up_proj; 2 kv heads < tp = 4
+    "tiny_phi3": ["tp=2,dp=2"],                       # fused qkv_proj and gate_up_proj
     "tiny_gpt_neox": ["tp=2,dp=2"],                   # fused qkv interleaved per head, parallel residual
-    "tiny_falcon": ["tp=2,dp=2"],                     # multi-query: 1 kv head replicated, q heads sharded
+    "tiny_falcon": ["tp=2,dp=2"],                     # multi-query: 1 kv head replicated in the fused projection
+    "tiny_falcon_gqa": ["tp=2,dp=2"],                 # viewed into heads, then regrouped [kv, group + 2, d]
     "tiny_olmo2": ["tp=2,dp=2", "cp=2,dp=2"],         # q/k RMSNorm over the whole projected width
     "tiny_qwen3": ["tp=2,sp=false,dp=2"],             # per-head q/k norms without SP
-    "tiny_gemma2": ["tp=2,dp=2", "pp=2,dp=2"],        # soft-capping, eager attention, per-layer sliding window
+    "tiny_gemma2": ["tp=2,dp=2"],                     # soft-capping, eager attention, per-layer sliding window
     "tiny_mixtral": ["tp=2,dp=2", "ep=2,tp=2"],       # the silent loss difference
     "tiny_qwen2_moe": ["ep=2", "cp=2,dp=2"],          # shared expert and its gate; a 0 window on full layers
     "tiny_mistral": ["cp=2,dp=2"],                    # sliding window (16 < 32 tokens) under CP
