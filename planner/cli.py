@@ -56,9 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `plan` command; `argv` None: this process is the command (the console script, python -m)."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return _subcommand(argv)
+    if own_process:  # a process that only plans never compiles: skip torch._dynamo's 1.5 s import
+        from autoshard.planner.capture.lazy_dynamo import defer_dynamo
+
+        defer_dynamo()
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

@@ -99,13 +99,35 @@ def test_unwritable_cache_is_skipped(tmp_path, monkeypatch):
 
 
 def test_cached_plan_never_imports_torch(cache_dir):
-    """The point of the cache: a spec planned before costs the search, not torch's 2-3 s of imports."""
+    """The point of the cache: a spec planned before costs the search, not torch's 2-3 s of imports. The cold
+    call, run as the `plan` command, captures without importing torch._dynamo (capture/lazy_dynamo.py)."""
     code = ("import sys; from autoshard.planner.cli import main; "
-            f"code = main([{str(SPECS / 'tiny_llama.yaml')!r}, '--gpus', '8', '--profile', 'h100_ib', '--json', "
-            "'--quiet']); print('torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+            f"sys.argv = ['plan', {str(SPECS / 'tiny_llama.yaml')!r}, '--gpus', '8', '--profile', 'h100_ib', "
+            "'--json', '--quiet']; code = main(); "
+            "print('torch' in sys.modules, type(sys.modules.get('torch._dynamo')).__name__, file=sys.stderr); "
+            "sys.exit(code)")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
-    assert [r.stderr.split()[-1] for r in runs] == ["True", "False"]
+    assert [r.stderr.split()[-2:] for r in runs] == [["True", "_StandIn"], ["False", "_StandIn"]]
     cold, warm = (json.loads(r.stdout) for r in runs)
     cold.pop("solve_time_s"), warm.pop("solve_time_s")
     assert warm == cold
+
+
+def test_the_dynamo_stand_in_gives_way_to_the_real_module_when_asked():
+    """Meta ops run without torch._dynamo; the first real use (an attribute, a submodule) loads the real one."""
+    code = """
+import sys
+from autoshard.planner.capture.lazy_dynamo import defer_dynamo
+defer_dynamo()
+import torch
+torch.nn.Embedding(10, 4, device="meta")(torch.arange(3, device="meta"))
+print(type(sys.modules["torch._dynamo"]).__name__)
+import torch._dynamo
+print(torch._dynamo.is_compiling(), type(sys.modules["torch._dynamo"]).__name__)
+from torch._dynamo.utils import counters
+print(type(counters).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["_StandIn", "False", "module", "defaultdict"]
