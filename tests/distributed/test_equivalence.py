@@ -125,7 +125,8 @@ def _case_id(model: Path, layout: str, extra: tuple[str, ...]) -> str:
 
 
 CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per world size runs them all
-    *[(TINY_LLAMA, f"dp=4,zero={zero}", 4, ()) for zero in (0, 1, 2, 3)],
+    (TINY_LLAMA, "dp=4,zero=1", 4, ()),
+    (TINY_LLAMA, "dp=2,zero=2", 2, ()),
     *[(TINY_LLAMA, f"dp=2,zero=3,recompute={r}", 2, ()) for r in ("selective", "full")],
     (TINY_LLAMA, "dp=2,zero=1,mbs=2", 2, ()),
     (TINY_MOE, "dp=2,zero=0", 2, ()),
@@ -133,13 +134,16 @@ CASES = [  # (model, layout, ranks, extra train.py arguments): one launch per wo
     (TINY_LLAMA, "tp=2", 2, ()),
     (TINY_LLAMA, "tp=2,sp=false", 2, ()),
     (TINY_WIDE, "tp=2", 2, ()),
-    (TINY_GPT, "tp=4", 4, ()),
     *[(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4, ()) for zero in (0, 3)],
     (TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4, ()),
     (TINY_MOE, "tp=2,dp=2,zero=1", 4, ()),
     *([(HF_LLAMA, "tp=2", 2, ()), (HF_LLAMA, "tp=2,dp=2,zero=3,recompute=full", 4, ())] if HAS_HF else []),
     (TINY_LLAMA, "tp=4", 4, ()),
 ]
+"""Each ZeRO stage once on its own and again under TP: ZeRO-1 (our ShardedAdamW's flat 1/dp slices, which cut
+tensors unevenly) over 4 ranks; ZeRO-0 (DDP) on the MoE model and with TP; ZeRO-2 and -3 (FSDP2) over 2 ranks
+and with TP. Tied embeddings under TP: the GPT model at tp = 2 (tp = 4 ran the same code and the suite's
+2-core budget could not keep it)."""
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +159,12 @@ def runs(tmp) -> Runs:
 # ------------------------------------------------------------------ data parallelism and ZeRO (transforms/dp.py)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_data_parallel_zero_stages(zero, runs):
-    runs.check(TINY_LLAMA, f"dp=4,zero={zero}", 4)
+def test_zero_1_slices_the_flat_parameters_over_four_ranks(runs):
+    runs.check(TINY_LLAMA, "dp=4,zero=1", 4)
+
+
+def test_zero_2_keeps_weights_gathered_from_forward_to_backward(runs):
+    runs.check(TINY_LLAMA, "dp=2,zero=2", 2)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
@@ -187,16 +194,12 @@ def test_tensor_parallel_with_heads_wider_than_the_width(runs):
     runs.check(TINY_WIDE, "tp=2", 2)
 
 
-def test_tensor_parallel_over_four_ranks_with_tied_embeddings(runs):
-    runs.check(TINY_GPT, "tp=4", 4)
-
-
 @pytest.mark.parametrize("zero", [0, 3])  # zero 1 with TP: test_tensor_parallel_on_moe
 def test_tensor_parallel_with_data_parallel(zero, runs):
     runs.check(TINY_LLAMA, f"tp=2,dp=2,zero={zero}", 4)
 
 
-def test_gpt_style_with_sequence_parallel_fsdp_and_selective_recompute(runs):
+def test_gpt_style_with_tied_embeddings_sequence_parallel_fsdp_and_selective_recompute(runs):
     runs.check(TINY_GPT, "tp=2,dp=2,zero=3,recompute=selective", 4)
 
 
