@@ -1,7 +1,8 @@
 """Captured graphs of spec models, kept on disk: planning the same model again skips torch and the capture.
 
-A `plan` call on a spec spends most of its time before the search: importing torch (about 1 s), then the
-first fake-tensor op imports torch._dynamo (1-1.5 s), then the capture itself (1-2 s). Users plan the same
+A `plan` call on a spec spends most of its time before the search: importing torch (2-3 CPU s), then the
+first meta op imports sympy (0.5 s; torch._dynamo too, 1.5 s, outside the `plan` command: lazy_dynamo.py),
+then the capture itself (1-2 s). Users plan the same
 model many times (other GPU counts, batches, profiles, layouts), and a spec's capture depends only on:
 
 - the spec as loaded (every architecture field, after the sequence length is applied),
