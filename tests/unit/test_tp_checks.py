@@ -87,3 +87,28 @@ def test_fused_rows_are_regrouped_so_each_rank_holds_its_part_of_q_k_and_v():
     # q: rows 0-3, k: 4-5, v: 6-7 over tp = 2 -> rank 0 [q0 q1 k4 v6], rank 1 [q2 q3 k5 v7]
     assert regroup_index([4, 2, 2], 2).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
     assert regroup_index([3, 3], 1).tolist() == list(range(6))
+
+
+def _cut(name: str, in_shape: tuple, out_shapes: list[tuple]):
+    from autoshard.planner.capture.structure import Event
+
+    return Event(kind="fn", name=name, stack=(), info={"linear": "qkv", "in_shape": in_shape, "out_shapes": out_shapes})
+
+
+@pytest.mark.parametrize(("cuts", "want"), [
+    # 4 q heads and 2 kv heads of 16 in one projection of 128 (b = 1, s = 8)
+    ([("split", [(1, 8, 64), (1, 8, 32), (1, 8, 32)])], ([64, 32, 32], "")),
+    ([("view", [(1, 8, 2, 4, 16)])], ([], "")),  # per kv group [q, q, k, v] (GPT-NeoX, Falcon's new decoder)
+    ([("view", [(1, 8, 8, 16)]), ("split", [(1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)])], ([64, 32, 32], "")),
+    ([("view", [(1, 8, 8, 16)]), ("view", [(1, 8, 2, 4, 16)])], ([], "")),  # transformers 5.25's Falcon
+    ([("view", [(1, 8, 8, 16)])], ([], "only viewed as its 8 heads of 16")),  # undecided: replicated
+    ([("view", [(1, 8, 3, 40)])], ([], "neither [q | k | v] heads nor kv groups")),
+])
+def test_a_fused_projection_viewed_into_heads_is_decided_by_the_next_cut(cuts, want):
+    """A view into [heads + 2 kv, d] is how both layouts start: only the cut after it tells [q | k | v] from
+    one kv group after another; with no cut after it, TP runs the attention replicated and says why."""
+    from autoshard.planner.capture.structure import _fused_qkv
+
+    events = [_cut(name, (1, 8, 128), outs) for name, outs in cuts]
+    parts, reason = _fused_qkv("qkv", [64, 32, 32], 16, 2, events)
+    assert parts == want[0] and want[1] in reason and bool(reason) == bool(want[1])
