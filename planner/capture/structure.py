@@ -184,6 +184,10 @@ def _attention_layout(model: nn.Module, info: AttentionInfo, events: list[Event]
             return
 
 
+RESHAPES = ("view", "reshape", "unflatten")
+"""Cuts of a linear's output that only reshape it (trace.py follows those into heads; _fused_qkv reads them)."""
+
+
 def _fused_qkv(linear: str, parts: list[int], d: int, group: int, events: list[Event]) -> tuple[list[int], str]:
     """(part widths, "") for a fused projection split into [q | k | v]; ([], "") for one interleaved per head
     group ([q heads of the group, k, v] repeated, GPT-NeoX, Falcon's new decoder), which contiguous column
@@ -196,7 +200,7 @@ def _fused_qkv(linear: str, parts: list[int], d: int, group: int, events: list[E
         return [], f"the forward never splits the output of the fused projection {linear}"
     kv, heads = parts[1] // d, sum(parts) // d
     for cut in cuts:
-        if cut.name not in ("view", "reshape", "unflatten"):
+        if cut.name not in RESHAPES:
             return parts, ""  # split / chunk / slicing of the flat width or of its heads: [q | k | v]
         out = cut.info["out_shapes"][0] if cut.info["out_shapes"] else ()
         tail = tuple(out[len(cut.info["in_shape"]) - 1:])

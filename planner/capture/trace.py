@@ -297,7 +297,7 @@ class _Recorder(TorchFunctionMode):
         info = {"linear": linear, "in_shape": shape, "out_shapes": [tuple(o.shape) for o in outs]}
         self.m.events[unit].append(structure.Event(kind="fn", name=name, stack=tuple(self.stack), info=info))
         out = outs[0] if len(outs) == 1 else None
-        if out is not None and name in ("view", "reshape", "unflatten") and source.shape == shape and \
+        if out is not None and name in structure.RESHAPES and source.shape == shape and \
                 out.dim() == source.dim() + 1 and out.shape[:-2] == source.shape[:-1]:
             self.linear_out[id(out)] = (linear, shape)
 
