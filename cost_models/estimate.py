@@ -203,7 +203,7 @@ def _parts(layout: Layout, training: Training, profile: Profile, fw: Framework, 
         key = ("time", s.key, degrees, zero3)
         if key not in memo:
             groups = groups or comm.layout_groups(layout)
-            memo[key] = _stage_time(s, layout, training, profile, groups, layout.mbs * training.seq_len, m, fw)
+            memo[key] = _stage_time(s, layout, training, profile, groups, layout.mbs * training.seq_len, m, fw, memo)
         parts.append(memo[key])
     return parts
 
@@ -294,16 +294,23 @@ def assign_stages(work: list[UnitWork], layout: Layout, split: list[int] | None 
 
 
 def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Profile,
-                groups: dict[str, comm.Group], tokens: float, m: int, fw: Framework) -> dict[str, float]:
-    """Seconds one micro-batch spends on this stage, by kind."""
+                groups: dict[str, comm.Group], tokens: float, m: int, fw: Framework,
+                memo: dict | None = None) -> dict[str, float]:
+    """Seconds one micro-batch spends on this stage, by kind. `memo` as estimate's: a unit's time is kept
+    by what it depends on (its kind and recompute, tp, cp, ep, the micro-batch and the TP switches; the
+    groups it uses span tp x cp ranks, whatever the pipeline and data-parallel degrees)."""
+    memo = {} if memo is None else memo
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
     hidden = _hidden(stage)
+    dims = (layout.tp, layout.cp, layout.ep, layout.sp, layout.async_tp, tokens, hidden)
     for w, mode, n in stage.kinds:  # identical blocks cost the same: each kind is priced once
-        priced = unit_time(w, layout=layout, training=training, profile=profile, groups=groups, tokens=tokens,
-                           hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
-                           cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap,
-                           attention_ratio=attention_ratio(fw, profile))
-        for kind, value in priced.items():
+        key = ("unit", _cost_key(w), mode, dims)
+        if key not in memo:
+            memo[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
+                                  tokens=tokens, hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
+                                  cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap,
+                                  attention_ratio=attention_ratio(fw, profile))
+        for kind, value in memo[key].items():
             out[kind] += n * value
     if layout.pp > 1:
         out["pp_comm"] = 2 * stage.chunks * _pp_send(tokens / layout.cp * hidden * ACT_BYTES, layout, profile,

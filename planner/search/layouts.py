@@ -20,6 +20,7 @@ refine the best few with the stage-assignment ILP (planner/search/ilp.py).
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -82,18 +83,33 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
     found: list[Candidate] = []
     shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
-    # the most promising first: no layout of a tuple is faster than its floors
-    quick = {d: _quick_floor(graph, work, d, training, profile, fixed, memo) for d in tuples}
-    for degrees in sorted(tuples, key=lambda d: (quick[d], d)):
-        last = _last_shown(shown)
-        if _ranks_after(quick[degrees], last) or \
-                _ranks_after(_tuple_floor(graph, work, degrees, training, profile, fixed, memo), last):
-            result.pruned += 1  # neither the plan nor its alternatives
+    # best first: a tuple's quick floor orders it until its tuple floor (tighter, dearer) is known; no layout
+    # of a tuple is faster than either, so once the least floor left ranks after the layouts a plan shows,
+    # every tuple left is pruned
+    heap = [(_quick_floor(graph, work, d, training, profile, fixed, memo), False, d) for d in tuples]
+    heapq.heapify(heap)
+    unfit = []  # tuples where no layout fits (their tuple floor is inf): priced only if none fits anywhere
+    while heap:
+        floor, tight, degrees = heapq.heappop(heap)
+        if _ranks_after(floor, _last_shown(shown)):
+            result.pruned += 1 + len(heap)  # neither the plan nor its alternatives
+            break
+        if not tight:
+            tuple_floor = _tuple_floor(graph, work, degrees, training, profile, fixed, memo)
+            if tuple_floor == math.inf:
+                unfit.append(degrees)
+            else:
+                heapq.heappush(heap, (tuple_floor, True, degrees))
             continue
-        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, last):
+        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)):
             found.append(cand)
             if cand.estimate.fits:
                 shown[degrees] = min(shown.get(degrees, math.inf), cand.estimate.step_time_s)
+    if shown:
+        result.pruned += len(unfit)
+    else:  # nothing fits: price them all for the layout closest to fitting
+        for degrees in unfit:
+            found += _inner(graph, work, degrees, training, profile, fixed, result, memo)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
     _refine(graph, work, fits, training, profile, result, fixed, memo)
     fits = sorted(fits, key=_rank_key)
@@ -188,14 +204,38 @@ def _choices(key: str, values: list[int], fixed: dict[str, Any]) -> list[int]:
 
 def _tuple_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
                  training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
-    """Seconds per step no layout of the tuple beats, memory aside: the least pipeline time over its
-    micro-batch, interleaving and schedule choices (_combos), at no recompute. Recompute, ZeRO-3 and the
-    data-parallel traffic and optimizer only add to it (estimate.pipeline_time)."""
+    """Seconds per step no layout of the tuple that fits beats: the least pipeline time over its micro-batch,
+    interleaving and schedule choices (_combos), each at the lightest recompute that could fit
+    (_lightest_fitting); inf when none could. ZeRO-3, the data-parallel traffic and the optimizer only add to
+    a pipeline time, heavier recompute too (estimate.pipeline_time)."""
     tp, cp, pp, dp, ep = degrees
+    lightest = _lightest_fitting(graph, work, degrees, training, profile, fixed, memo)
     return min((pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
-                                            zero=1, recompute="none", **_flags(fixed)), training, profile,
-                              work=work, memo=memo)
-                for mbs, vpp, schedule in _combos(graph, degrees, training, fixed)), default=math.inf)
+                                            zero=1, recompute=lightest[vpp, schedule], **_flags(fixed)),
+                              training, profile, work=work, memo=memo)
+                for mbs, vpp, schedule in _combos(graph, degrees, training, fixed)
+                if lightest[vpp, schedule] is not None), default=math.inf)
+
+
+def _lightest_fitting(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                      training: Training, profile: Profile, fixed: dict[str, Any],
+                      memo: dict) -> dict[tuple[int, str], str | None]:
+    """(interleaving, schedule) -> the lightest recompute at which some layout of the tuple with them could
+    fit in memory, None when none could. Asked at the least micro-batch (a larger one holds more: _inner)
+    and the leanest ZeRO stages: the highest below 3 (stages 0-2 differ only in what they shard) and 3."""
+    tp, cp, pp, dp, ep = degrees
+    choices = _combos(graph, degrees, training, fixed)
+    zeros = _choices("zero", framework_choices(graph, training, pp)[0], fixed)
+    lean = [z for z in zeros if z == 3 or z == max((z for z in zeros if z < 3), default=None)]
+    mbs = min((b for b, _, _ in choices), default=1)
+    out: dict[tuple[int, str], str | None] = {}
+    for vpp, schedule in dict.fromkeys((v, sch) for _, v, sch in choices):
+        out[vpp, schedule] = next(
+            (r for r in _choices("recompute", list(RECOMPUTE), fixed)
+             if any(peak_memory(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
+                                              zero=z, recompute=r, **_flags(fixed)), training, work=work, memo=memo)
+                    <= profile.hbm_bytes for z in lean)), None)
+    return out
 
 
 def _quick_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
