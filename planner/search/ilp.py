@@ -38,10 +38,10 @@ DeepSeek-V3 searches: 1.5-7x less CBC time, the same or a lower objective); no f
 
 from __future__ import annotations
 
+import heapq
 import warnings
 from dataclasses import dataclass
-
-import pulp
+from typing import TYPE_CHECKING
 
 from autoshard.cost_models import communication as comm
 from autoshard.cost_models import memory, pipeline
@@ -50,6 +50,9 @@ from autoshard.cost_models.framework import Framework, attention_ratio, get_fram
 from autoshard.cost_models.layout import RECOMPUTE, Layout, Training
 from autoshard.cost_models.work import ACT_BYTES, UnitWork
 from autoshard.hardware_profiles import Profile
+
+if TYPE_CHECKING:
+    import pulp
 
 GAP_REL = 0.002
 """Stop within 0.2% of the optimum (well inside the cost model's error): deterministic, unlike a time limit."""
@@ -94,7 +97,6 @@ class StageILP:
         self.hidden = int(work[first].input_bytes // ACT_BYTES)
         self.runs = [self._run(blocks) for blocks in _runs(work[first:last + 1])]
         self.chunks = layout.pp * layout.vpp
-        self.prob = pulp.LpProblem("stage_assignment", pulp.LpMinimize)
 
     # ---------------------------------------------------------------- coefficients
 
@@ -147,10 +149,41 @@ class StageILP:
             t += 2 * lay.vpp * comm.p2p(boundary, self.groups["pp"], self.profile)
         return t, mem
 
+    # ---------------------------------------------------------------- bounds, without a solver
+
+    def objective(self, split: list[int], mode: str) -> float:
+        """The objective of `split` (blocks per chunk) with every block recomputing with `mode`."""
+        p = self.layout.pp
+        times = [run.time[mode] for run in self.runs for _ in run.blocks]
+        stage = [self._fixed(s)[0] for s in range(p)]
+        start = 0
+        for c, size in enumerate(split):
+            stage[pipeline.chunk_stage(c, p, self.layout.schedule)] += sum(times[start:start + size])
+            start += size
+        return self.m * max(stage) + self._fill() / p * sum(stage)
+
+    def lower_bound(self) -> float:
+        """An objective no assignment beats: every block at its fastest mode, and T_max at least the mean stage
+        and, run by run, the least bottleneck of that run's blocks alone over the stages' fixed times
+        (_least_bottleneck; the other runs, the memory and the chunk rules left out only lower it)."""
+        p = self.layout.pp
+        fixed = [self._fixed(s)[0] for s in range(p)]
+        fastest = [min(run.time.values()) for run in self.runs]
+        total = sum(fixed) + sum(len(run.blocks) * t for run, t in zip(self.runs, fastest, strict=True))
+        t_max = max([total / p] + [_least_bottleneck(fixed, len(run.blocks), t)
+                                   for run, t in zip(self.runs, fastest, strict=True)])
+        return self.m * t_max + self._fill() / p * total
+
+    def _fill(self) -> float:
+        return pipeline.fill_drain(self.layout.pp, self.layout.vpp, self.layout.schedule)
+
     # ---------------------------------------------------------------- model
 
     def build(self) -> StageILP:
+        import pulp  # 0.1 s to import: only when an ILP is built (lower_bound and objective need none)
+
         C, R, p = range(self.chunks), range(len(self.runs)), self.layout.pp
+        self.prob = pulp.LpProblem("stage_assignment", pulp.LpMinimize)
         self.n = {(c, r): pulp.LpVariable(f"n_{c}_{r}", 0, len(self.runs[r].blocks), cat="Integer") for c in C for r in R}
         self.k = {(c, r, a): pulp.LpVariable(f"k_{c}_{r}_{a}", 0, len(self.runs[r].blocks), cat="Integer")
                   for c in C for r in R for a in self.modes}
@@ -158,8 +191,7 @@ class StageILP:
         self.f = {(s, r): pulp.LpVariable(f"f_{s}_{r}", cat="Binary") for s in range(p) for r in R}
         self.T = {s: pulp.LpVariable(f"T_{s}", 0) for s in range(p)}
         self.T_max = pulp.LpVariable("T_max", 0)
-        fill = pipeline.fill_drain(p, self.layout.vpp, self.layout.schedule)
-        self.prob += self.m * self.T_max + fill / p * pulp.lpSum(self.T.values())
+        self.prob += self.m * self.T_max + self._fill() / p * pulp.lpSum(self.T.values())
         self.add_cover_constraint()
         self.add_chunk_constraint()
         self.add_contiguity_constraint()
@@ -171,16 +203,22 @@ class StageILP:
 
     def add_cover_constraint(self) -> None:
         """sum_c n[c, r] = |r|: every block of every run is placed once."""
+        import pulp
+
         for r, run in enumerate(self.runs):
             self.prob += pulp.lpSum(self.n[c, r] for c in range(self.chunks)) == len(run.blocks), f"cover_{r}"
 
     def add_chunk_constraint(self) -> None:
         """sum_r n[c, r] >= 1: no empty chunk."""
+        import pulp
+
         for c in range(self.chunks):
             self.prob += pulp.lpSum(self.n[c, r] for r in range(len(self.runs))) >= 1, f"chunk_{c}"
 
     def add_contiguity_constraint(self) -> None:
         """n[c, r] <= |r| u[c, r];  sum_{c' > c} n[c', r] <= |r| (1 - u[c, r+1])."""
+        import pulp
+
         for c in range(self.chunks):
             for r, run in enumerate(self.runs):
                 self.prob += self.n[c, r] <= len(run.blocks) * self.u[c, r], f"used_{c}_{r}"
@@ -190,6 +228,8 @@ class StageILP:
 
     def add_balance_constraint(self) -> None:
         """| sum_r n[c, r] - sum_r n[c + p, r] | <= 1 for the chunks of one pipeline rank."""
+        import pulp
+
         R = range(len(self.runs))
         for s in range(self.layout.pp):
             chunks = self._chunks_of(s)  # c, c + p, ... (or c and 2p-1-c in a V)
@@ -200,11 +240,15 @@ class StageILP:
 
     def add_recompute_constraint(self) -> None:
         """sum_a k[c, r, a] = n[c, r]: each placed block has one recompute mode."""
+        import pulp
+
         for (c, r), n in self.n.items():
             self.prob += pulp.lpSum(self.k[c, r, a] for a in self.modes) == n, f"mode_{c}_{r}"
 
     def add_time_constraint(self) -> None:
         """T[s] = fixed_s + sum_{c on s, r, a} k[c, r, a] t[r, a];  T[s] <= T_max."""
+        import pulp
+
         for s in range(self.layout.pp):
             fixed, _ = self._fixed(s)
             work = pulp.lpSum(self.k[c, r, a] * run.time[a] for c in self._chunks_of(s)
@@ -214,6 +258,8 @@ class StageILP:
 
     def add_memory_constraint(self) -> None:
         """(1 + reserve)(fixed + states + held * activations + full-recompute working set) <= capacity."""
+        import pulp
+
         lay = self.layout
         for s in range(lay.pp):
             _, fixed = self._fixed(s)
@@ -237,6 +283,8 @@ class StageILP:
 
     def solve(self) -> StageAssignment | None:
         """The optimal assignment, or None when no assignment fits in memory."""
+        import pulp
+
         self.prob.solve(_solver())
         status = pulp.LpStatus[self.prob.status]
         if status != "Optimal" or self.T_max.value() is None:  # CBC reports a time-limited incumbent as Optimal
@@ -258,6 +306,12 @@ class StageILP:
         return modes
 
 
+def _least_bottleneck(fixed: list[float], n: int, t: float) -> float:
+    """min over n_s >= 0 with sum n_s = n of max_s fixed[s] + n_s t: placing the blocks one by one on the
+    stage that then ends earliest is optimal, so it is the n-th smallest of fixed[s] + k t over s and k >= 1."""
+    return heapq.nsmallest(n, (f + k * t for f in fixed for k in range(1, n + 1)))[-1]
+
+
 def _runs(blocks: list[UnitWork]) -> list[list[UnitWork]]:
     """Maximal runs of consecutive interchangeable blocks (equal costs: same signature in the capture)."""
     runs: list[list[UnitWork]] = []
@@ -276,6 +330,8 @@ def _same(a: UnitWork, b: UnitWork) -> bool:
 
 def _solver() -> pulp.LpSolver:
     """HiGHS when installed, else the CBC that ships with PuLP; quiet, time-limited, deterministic."""
+    import pulp
+
     available = pulp.listSolvers(onlyAvailable=True)
     if "HiGHS" in available:
         return pulp.HiGHS(msg=False, timeLimit=TIME_LIMIT_S, gapRel=GAP_REL, threads=1)

@@ -30,7 +30,7 @@ from autoshard.cost_models import communication as comm
 from autoshard.cost_models.estimate import Estimate, estimate, peak_memory, pipeline_time
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
-from autoshard.cost_models.pipeline import fill_drain
+from autoshard.cost_models.pipeline import fill_drain, split_blocks
 from autoshard.cost_models.validity import TORCH_SCHEDULES, cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
@@ -425,9 +425,11 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
         from autoshard.planner.search.ilp import StageILP
 
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
-        ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile,
-                       modes=modes).build()
-        assignment = ilp.solve()
+        ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile, modes=modes)
+        even = split_blocks(sum(w.kind == "block" for w in work), cand.layout.pp * cand.layout.vpp)
+        if cand.layout.recompute == "none" and ilp.lower_bound() >= ilp.objective(even, "none") * (1 - 1e-9):
+            continue  # nothing recomputed and no split beats the even one: nothing for the ILP to find
+        assignment = ilp.build().solve()
         result.ilp_solved += 1
         if assignment is None:
             continue

@@ -132,3 +132,40 @@ def test_ilp_split_is_priced_like_estimate(llama405b):
     assert sum(assignment.split) == len(llama405b.blocks)
     extra = est.time_breakdown["dp_exposed"] + est.time_breakdown["optimizer"]
     assert est.step_time_s - extra == pytest.approx(assignment.objective_s, rel=1e-3)
+
+
+def test_least_bottleneck_by_hand():
+    """3 blocks of 1 s over stages holding 0 s and 1 s of fixed work: two on the first, one on the second."""
+    from autoshard.planner.search.ilp import _least_bottleneck
+
+    assert _least_bottleneck([0.0, 1.0], 3, 1.0) == 2.0
+    assert _least_bottleneck([0.0, 0.0, 5.0], 4, 1.0) == 2.0  # the loaded stage takes none
+    assert _least_bottleneck([0.5], 2, 1.0) == 2.5
+
+
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("llama3_405b.yaml", Layout(tp=8, pp=16, dp=128)),
+    ("llama3_405b.yaml", Layout(tp=8, pp=8, vpp=2, dp=256, schedule="interleaved_1f1b")),  # 126 blocks: uneven
+    ("deepseek_v3_like.yaml", Layout(tp=1, pp=16, vpp=2, cp=4, ep=16, dp=32, schedule="zbv")),  # two runs
+    ("gpt3_175b.yaml", Layout(tp=8, pp=12, vpp=2, dp=16, schedule="zb_interleaved")),
+])
+def test_the_ilp_lower_bound_is_under_every_split(spec, layout):
+    """The bound _refine skips the ILP by (no split beats the even one) is under the solved optimum and the
+    even split, and the even split's objective is the ILP's price of it (estimate's pipeline time)."""
+    from autoshard.cost_models.estimate import pipeline_time
+    from autoshard.cost_models.pipeline import split_blocks
+    from autoshard.cost_models.work import model_work
+    from autoshard.planner.search.ilp import StageILP
+
+    graph = capture(SPECS / spec, 1, 4096)
+    training = Training(global_batch=2048, seq_len=4096)
+    work = model_work(graph)
+    ilp = StageILP(work, layout, training, H100.replace(hbm_bytes=10**15), modes=("none",))
+    even = split_blocks(len(graph.blocks), layout.pp * layout.vpp)
+    assert ilp.objective(even, "none") == pytest.approx(pipeline_time(graph, layout, training, H100, work=work),
+                                                       rel=1e-9)
+    bound = ilp.lower_bound()
+    assert bound <= ilp.objective(even, "none") * (1 + 1e-12)
+    solved = ilp.build().solve()
+    assert bound <= solved.objective_s * (1 + 1e-6)  # the solver rounds its objective (2e-8 seen)
+    assert ilp.objective(solved.split, "none") == pytest.approx(solved.objective_s, rel=1e-6)
