@@ -38,6 +38,10 @@ from autoshard.planner.capture.repeat import capture_repeated, expand_captured
 from autoshard.planner.errors import CaptureError
 
 METHODS = ("fx", "export", "hooks")
+SPEC_METHODS = ("hooks",)
+"""A spec is autoshard's own reference transformer: the module hooks of the measuring run see the flow that fx
+would trace (tests/unit/capture/test_capture.py checks that the three methods agree on the bundled specs), and
+fx tracing cost 0.1-0.3 s of a cold `plan` (benchmarks/search_speed.py)."""
 Flow = list[tuple[str, str, int, bool]]
 """(producer unit, consumer unit, tensor id, needs grad)."""
 
@@ -48,12 +52,13 @@ def capture(
     seq_len: int | None = None,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     repeat: bool = True,
 ) -> ModelGraph:
     """Capture `model` (an nn.Module, or a path to model.py, spec.yaml or a Hugging Face config) on meta.
 
-    `methods` restricts the trace methods tried, in order (tests use it to force a path). `repeat` captures
+    `methods` restricts the trace methods tried, in order (tests use it to force a path; default METHODS,
+    SPEC_METHODS for a spec). `repeat` captures
     two blocks of each run of identical blocks and repeats them (planner/capture/repeat.py); False captures every
     block (and keeps the whole model's fx GraphModule).
     """
@@ -68,6 +73,7 @@ def capture(
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch ({micro_batch}) and seq_len ({seq_len}) must be positive")
     inputs = loaded.example_inputs(micro_batch, seq_len)
+    methods = methods or (SPEC_METHODS if loaded.module is None else METHODS)
     graph = None
     if loaded.module is None and repeat:
         graph, module, declared, unbuilt = _capture_spec_repeated(loaded.spec, dtype, inputs, methods)

@@ -38,7 +38,7 @@ def test_inspect_json_contract(specs):
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)  # stdout is exactly one JSON object
     assert isinstance(d["params"], int) and d["params"] == 205_376
-    assert d["blocks"] == 4 and d["capture_method"] == "fx"
+    assert d["blocks"] == 4 and d["capture_method"] == "hooks"
     assert d["flops_per_token"] > 6 * d["params"] * 0.5
     assert d["cut_points"][0] == "tok_embeddings|layers.0"
 
@@ -46,7 +46,7 @@ def test_inspect_json_contract(specs):
 def test_inspect_text(specs):
     out = plan(specs / "tiny_moe.yaml", "--inspect")
     assert out.returncode == 0, out.stderr
-    for needle in ("capture      fx", "pipeline cuts", "MoE          4 experts, top-2, 1 shared", "x3"):
+    for needle in ("capture      hooks", "pipeline cuts", "MoE          4 experts, top-2, 1 shared", "x3"):
         assert needle in out.stdout
 
 
