@@ -6,13 +6,16 @@ refine the best few with the stage-assignment ILP (planner/search/ilp.py).
    heads (kv heads divide tp or tp divides them: replicated kv heads), cp dividing seq_len / 2 (two chunks
    per rank for causal balance), pp at most the blocks, ep dividing experts and dp x cp, dp dividing the
    global batch.
-2. A floor per tuple: its least pipeline time over the micro-batch, interleaving and schedule choices, at
-   no recompute (estimate.pipeline_time: recompute, ZeRO-3, data-parallel traffic and the optimizer only
-   add to it). Tuples are visited by floor; one whose floor ranks after the layouts a plan shows (the best
-   and ALTERNATIVE_TUPLES more) is pruned unpriced, so the plan and its alternatives are exact.
-3. For each tuple, the inner choices: micro-batch, interleaving (vpp) and schedule, then ZeRO stage and
-   recompute from the cheapest up, stopping at the first that fits (a heavier one only costs time); memory
-   is asked before time, and a choice whose floor ranks after the tuple's best is skipped.
+2. Floors, visited best first (one heap). A tuple's quick floor: its units' time over pp with the least fill
+   and drain, no pipeline priced (_quick_floor). When its turn comes, each of its (micro-batch,
+   interleaving, schedule) choices gets its own floor: its pipeline time at the lightest recompute at which
+   some ZeRO stage could fit in memory, inf when none could (_choice_floors; recompute, ZeRO-3,
+   data-parallel traffic and the optimizer only add to a pipeline time). Once the least floor left ranks
+   after the layouts a plan shows (the best and ALTERNATIVE_TUPLES more tuples), everything left is pruned
+   unpriced, so the plan and its alternatives are exact (tests/planning/test_search_exact.py).
+3. A choice's turn: its ZeRO stages and recompute modes from the cheapest up, stopping at the first that fits
+   (a heavier one only costs time); memory is asked before time, and an option whose floor ranks after the
+   tuple's best or the last layout shown is skipped (_first_fit).
 4. The best distinct degree tuples are re-solved by the ILP (stage split and per-block recompute), which
    may recover time the uniform split lost (e.g. less recompute on late 1F1B stages), and ranked again.
 """
@@ -83,31 +86,42 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
     result = SearchResult(best=None, ranked=[], closest=None, tuples=len(tuples))
     found: list[Candidate] = []
     shown: dict[tuple[int, int, int, int, int], float] = {}  # degree tuple -> its fastest fitting step time
-    # best first: a tuple's quick floor orders it until its tuple floor (tighter, dearer) is known; no layout
-    # of a tuple is faster than either, so once the least floor left ranks after the layouts a plan shows,
-    # every tuple left is pruned
-    heap = [(_quick_floor(graph, work, d, training, profile, fixed, memo), False, d) for d in tuples]
+    # Best first. A tuple waits under its quick floor; its turn prices the floor of each of its (micro-batch,
+    # interleaving, schedule) choices (_choice_floors), and each choice waits under its own floor; a choice's
+    # turn prices its ZeRO and recompute options (_price_choice). No layout is faster than the floors it sits
+    # under, so once the least floor left ranks after the layouts a plan shows, everything left is pruned.
+    heap: list[tuple[float, int, tuple[int, int, int, int, int], tuple]] = [
+        (_quick_floor(graph, work, d, training, profile, fixed, memo), 0, d, ()) for d in tuples]
     heapq.heapify(heap)
-    unfit = []  # tuples where no layout fits (their tuple floor is inf): priced only if none fits anywhere
+    unfit: set[tuple[int, int, int, int, int]] = set()  # tuples with choices that fit nowhere (floor inf)
+    dead: dict[tuple, int] = {}  # (tuple, vpp, schedule) -> least micro-batch at which none of it fits
+    visited: set[tuple[int, int, int, int, int]] = set()
     while heap:
-        floor, tight, degrees = heapq.heappop(heap)
-        if _ranks_after(floor, _last_shown(shown)):
-            result.pruned += 1 + len(heap)  # neither the plan nor its alternatives
+        floor, level, degrees, choice = heapq.heappop(heap)
+        last = _last_shown(shown)
+        if _ranks_after(floor, last):
             break
-        if not tight:
-            tuple_floor = _tuple_floor(graph, work, degrees, training, profile, fixed, memo)
-            if tuple_floor == math.inf:
-                unfit.append(degrees)
-            else:
-                heapq.heappush(heap, (tuple_floor, True, degrees))
+        if level == 0:
+            for choice, choice_floor in _choice_floors(graph, work, degrees, training, profile, fixed, memo):
+                if choice_floor == math.inf:
+                    unfit.add(degrees)
+                else:
+                    heapq.heappush(heap, (choice_floor, 1, degrees, choice))
             continue
-        for cand in _inner(graph, work, degrees, training, profile, fixed, result, memo, _last_shown(shown)):
+        mbs, vpp, schedule = choice
+        if dead.get((degrees, vpp, schedule), math.inf) <= mbs:
+            continue  # a smaller micro-batch fits nowhere: this one holds more
+        visited.add(degrees)
+        cand, none_fit = _price_choice(graph, work, degrees, choice, training, profile, fixed, result, memo,
+                                       min(shown.get(degrees, math.inf), last))
+        if none_fit:
+            dead[degrees, vpp, schedule] = min(mbs, dead.get((degrees, vpp, schedule), math.inf))
+        if cand is not None:
             found.append(cand)
             if cand.estimate.fits:
                 shown[degrees] = min(shown.get(degrees, math.inf), cand.estimate.step_time_s)
-    if shown:
-        result.pruned += len(unfit)
-    else:  # nothing fits: price them all for the layout closest to fitting
+    result.pruned = len(set(tuples) - visited)  # neither the plan nor its alternatives
+    if not shown:  # nothing fits: price every choice left for the layout closest to fitting
         for degrees in unfit:
             found += _inner(graph, work, degrees, training, profile, fixed, result, memo)
     fits = sorted((c for c in found if c.estimate.fits), key=_rank_key)
@@ -202,19 +216,23 @@ def _choices(key: str, values: list[int], fixed: dict[str, Any]) -> list[int]:
     return [fixed[key]] if key in fixed else values
 
 
-def _tuple_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
-                 training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
-    """Seconds per step no layout of the tuple that fits beats: the least pipeline time over its micro-batch,
-    interleaving and schedule choices (_combos), each at the lightest recompute that could fit
+def _choice_floors(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                   training: Training, profile: Profile, fixed: dict[str, Any],
+                   memo: dict) -> list[tuple[tuple[int, int, str], float]]:
+    """Each (micro-batch, interleaving, schedule) choice of the tuple (_combos) with the seconds per step no
+    layout of it that fits beats: its pipeline time at the lightest recompute that could fit
     (_lightest_fitting); inf when none could. ZeRO-3, the data-parallel traffic and the optimizer only add to
     a pipeline time, heavier recompute too (estimate.pipeline_time)."""
     tp, cp, pp, dp, ep = degrees
     lightest = _lightest_fitting(graph, work, degrees, training, profile, fixed, memo)
-    return min((pipeline_time(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
-                                            zero=1, recompute=lightest[vpp, schedule], **_flags(fixed)),
-                              training, profile, work=work, memo=memo)
-                for mbs, vpp, schedule in _combos(graph, degrees, training, fixed)
-                if lightest[vpp, schedule] is not None), default=math.inf)
+    out = []
+    for mbs, vpp, schedule in _combos(graph, degrees, training, fixed):
+        recompute = lightest[vpp, schedule]
+        floor = math.inf if recompute is None else pipeline_time(
+            graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=1,
+                          recompute=recompute, **_flags(fixed)), training, profile, work=work, memo=memo)
+        out.append(((mbs, vpp, schedule), floor))
+    return out
 
 
 def _lightest_fitting(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
@@ -274,53 +292,39 @@ def _mbs_options(per_dp: int, fixed: dict[str, Any]) -> list[int]:
 
 
 def _inner(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int], training: Training,
-           profile: Profile, fixed: dict[str, Any], result: SearchResult, memo: dict,
-           last_shown: float = math.inf) -> list[Candidate]:
-    """Micro-batch, interleaving and schedule choices of one tuple, each with the cheapest ZeRO/recompute
-    that fits.
+           profile: Profile, fixed: dict[str, Any], result: SearchResult, memo: dict) -> list[Candidate]:
+    """Every micro-batch, interleaving and schedule choice of one tuple, each with the cheapest ZeRO/recompute
+    that fits or, where none does, the layout closest to fitting (the search's report when nothing fits)."""
+    out = []
+    for choice in _combos(graph, degrees, training, fixed):
+        cand, _ = _price_choice(graph, work, degrees, choice, training, profile, fixed, result, memo)
+        out += [cand] if cand is not None else []
+    return out
 
-    Once the tuple has a layout that fits, choices that rank after it or after `last_shown` (_last_shown) are
-    skipped (_first_fit): the tuple's best is kept whenever a plan could show it. An interleaving and
-    schedule that fits nowhere at one micro-batch size is not tried at larger ones."""
+
+def _price_choice(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
+                  choice: tuple[int, int, str], training: Training, profile: Profile, fixed: dict[str, Any],
+                  result: SearchResult, memo: dict, bar: float = math.inf) -> tuple[Candidate | None, bool]:
+    """One (micro-batch, interleaving, schedule) choice of a tuple: its valid ZeRO and recompute options
+    (the rules broken by the others noted in `result`) through _first_fit, which skips what ranks after `bar`.
+    Returns _first_fit's (candidate, whether none fits)."""
     tp, cp, pp, dp, ep = degrees
+    mbs, vpp, schedule = choice
     zeros = framework_choices(graph, training, pp)[0]
     if 0 in zeros and 1 in zeros and comm.domains(comm.Group(size=dp * cp, stride=tp), profile) == 1:
         zeros.remove(0)  # inside one NVLink domain the all-reduce is a ring: ZeRO-1 moves as much, holds less
-    out: list[Candidate] = []
-    fastest = math.inf  # the tuple's fastest fitting candidate so far
-    choices = _combos(graph, degrees, training, fixed)
-    # (vpp, schedule) found not to fit at a micro-batch: a larger one holds more (states alike; activations,
-    # logits and in-flight micro-batches x micro-batch size never shrink: pipeline.in_flight)
-    dead: set[tuple[int, str]] = set()
-    pairs = {(v, sch) for _, v, sch in choices}
-    base = _flags(fixed)
-    for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
-        if pairs <= dead:
-            break  # nothing left that could fit
-        combos = []
-        for vpp, schedule in ((v, sch) for b, v, sch in choices if b == mbs and (v, sch) not in dead):
-            layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z,
-                              recompute=r, **base)
-                       for z in _choices("zero", zeros, fixed)
-                       for r in _choices("recompute", list(RECOMPUTE), fixed)]
-            by_zero: dict[int, list[str]] = {}  # no rule looks at the recompute: one check per ZeRO stage
-            for lay in layouts:
-                if lay.zero not in by_zero:
-                    by_zero[lay.zero] = layout_errors(graph, lay, training)
-            errors = [by_zero[lay.zero] for lay in layouts]
-            result.notes += [e for e in dict.fromkeys(e for errs in errors for e in errs) if e not in result.notes]
-            if layouts := [lay for lay, errs in zip(layouts, errors, strict=True) if not errs]:
-                combos.append(layouts)
-        for layouts in combos:
-            bar = min(fastest, last_shown) if fastest < math.inf else math.inf
-            cand, none_fit = _first_fit(graph, work, layouts, training, profile, result, memo, bar)
-            if none_fit:
-                dead.add((layouts[0].vpp, layouts[0].schedule))
-            if cand is not None:
-                out.append(cand)
-                if cand.estimate.fits:
-                    fastest = min(fastest, cand.estimate.step_time_s)
-    return out
+    layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=z, recompute=r,
+                      **_flags(fixed))
+               for z in _choices("zero", zeros, fixed) for r in _choices("recompute", list(RECOMPUTE), fixed)]
+    by_zero: dict[int, list[str]] = {}  # no rule looks at the recompute: one check per ZeRO stage
+    for lay in layouts:
+        if lay.zero not in by_zero:
+            by_zero[lay.zero] = layout_errors(graph, lay, training)
+    result.notes += [e for e in dict.fromkeys(e for errs in by_zero.values() for e in errs) if e not in result.notes]
+    layouts = [lay for lay in layouts if not by_zero[lay.zero]]
+    if not layouts:
+        return None, False
+    return _first_fit(graph, work, layouts, training, profile, result, memo, bar)
 
 
 def framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[list[int], list[int]]:
