@@ -267,9 +267,11 @@ def _quick_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, in
     out = math.inf
     for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
         m = training.global_batch // (dp * mbs)
-        whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **_flags(fixed))
-        units = pipeline_time(graph, whole, training, profile, work=work, memo=memo) / m  # one micro-batch
-        out = min(out, (m + fill) * units / pp)
+        key = ("quick", tp, cp, ep, mbs)  # one stage at ZeRO-1: no pipeline or data-parallel degree in it
+        if key not in memo:
+            whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **_flags(fixed))
+            memo[key] = pipeline_time(graph, whole, training, profile, work=work, memo=memo) / m  # one micro-batch
+        out = min(out, (m + fill) * memo[key] / pp)
     return out
 
 
