@@ -227,9 +227,12 @@ def _memories(layout: Layout, training: Training, fw: Framework, stages: list[_S
     micro-batches it holds in flight), the first two kept in `memo` (ZeRO stages share the activations,
     recompute modes the states)."""
     m = training.global_batch // (layout.dp * layout.mbs)
+    held_key = ("in_flight", layout.pp, m, layout.vpp, layout.schedule)
+    if held_key not in memo:
+        memo[held_key] = [pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) for i in range(layout.pp)]
     out = []
     kept: dict[tuple, tuple] = {}  # stage key -> (states, activations): middle stages are often alike
-    for i, s in enumerate(stages):
+    for s, held in zip(stages, memo[held_key], strict=True):
         if s.key not in kept:
             states_key = ("states", s.key if layout.zero == 3 else s.params, layout.tp, layout.cp, layout.dp,
                           layout.ep, layout.pp > 1, layout.zero)
@@ -241,7 +244,7 @@ def _memories(layout: Layout, training: Training, fw: Framework, stages: list[_S
                                                     fw)
             kept[s.key] = memo[states_key], memo[acts_key]
         states, acts = kept[s.key]
-        out.append((states, acts, pipeline.in_flight(i, layout.pp, m, layout.vpp, layout.schedule) * acts[2]))
+        out.append((states, acts, held * acts[2]))
     return out
 
 

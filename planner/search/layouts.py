@@ -335,7 +335,7 @@ def framework_choices(graph: ModelGraph, training: Training, pp: int) -> tuple[l
     where it interleaves (under a framework with even chunks only, every vpp dividing the blocks per stage)."""
     fw = get_framework(training.framework)
     zeros = [z for z in ZERO_ORDER if z in fw.zero_stages and (pp == 1 or z <= fw.zero_with_pp)]
-    blocks = len(graph.blocks)
+    blocks = sum(u.kind == "block" for u in graph.units)
     if fw.even_stages:  # only even splits run: every vpp that divides the blocks per stage (up to 8)
         vpps = [v for v in range(1, 9) if (v == 1 or (pp > 1 and fw.interleaved)) and blocks % (pp * v) == 0]
     else:
