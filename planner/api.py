@@ -116,7 +116,8 @@ def _estimate_only(graph: Any, fixed: dict[str, Any], gpus: int, training: Train
 
 def _solver_name(result: SearchResult) -> str:
     return (f"enumeration of {result.tuples} degree tuples ({result.pruned} pruned by bound, {result.priced} "
-            f"layouts priced) + stage ILP on {result.ilp_solved} (PuLP)")
+            f"layouts priced) + stage ILP on {result.ilp_solved} (PuLP)"
+            + (f", {result.ilp_skipped} with no split better than the even one" if result.ilp_skipped else ""))
 
 
 def _no_fit_message(graph: Any, gpus: int, training: Training, prof: Profile, fixed: dict[str, Any],

@@ -71,6 +71,8 @@ class SearchResult:
     priced: int = 0
     pruned: int = 0
     ilp_solved: int = 0
+    ilp_skipped: int = 0
+    """Candidates the ILP was not run on: nothing recomputed and no split beats the even one (ilp.lower_bound)."""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -434,7 +436,8 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile, modes=modes)
         even = split_blocks(sum(w.kind == "block" for w in work), cand.layout.pp * cand.layout.vpp)
         if cand.layout.recompute == "none" and ilp.lower_bound() >= ilp.objective(even, "none") * (1 - 1e-9):
-            continue  # nothing recomputed and no split beats the even one: nothing for the ILP to find
+            result.ilp_skipped += 1  # nothing recomputed and no split beats the even one: nothing to find
+            continue
         assignment = ilp.build().solve()
         result.ilp_solved += 1
         if assignment is None:
