@@ -41,6 +41,7 @@ from __future__ import annotations
 import heapq
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from autoshard.cost_models import communication as comm
@@ -130,6 +131,11 @@ class StageILP:
             total += (dense + expert) * (memory.WEIGHT_BYTES + FSDP_REDUCE_BYTES)
         return total
 
+    @cached_property
+    def _fixed_parts(self) -> list[tuple[float, float]]:
+        """_fixed of every stage."""
+        return [self._fixed(s) for s in range(self.layout.pp)]
+
     def _fixed(self, stage: int) -> tuple[float, float]:
         """(time, memory) of the units outside the blocks on this stage, plus its pipeline sends."""
         lay, p = self.layout, self.layout.pp
@@ -155,7 +161,7 @@ class StageILP:
         """The objective of `split` (blocks per chunk) with every block recomputing with `mode`."""
         p = self.layout.pp
         times = [run.time[mode] for run in self.runs for _ in run.blocks]
-        stage = [self._fixed(s)[0] for s in range(p)]
+        stage = [t for t, _ in self._fixed_parts]
         start = 0
         for c, size in enumerate(split):
             stage[pipeline.chunk_stage(c, p, self.layout.schedule)] += sum(times[start:start + size])
@@ -167,12 +173,17 @@ class StageILP:
         and, run by run, the least bottleneck of that run's blocks alone over the stages' fixed times
         (_least_bottleneck; the other runs, the memory and the chunk rules left out only lower it)."""
         p = self.layout.pp
-        fixed = [self._fixed(s)[0] for s in range(p)]
+        fixed = [t for t, _ in self._fixed_parts]
         fastest = [min(run.time.values()) for run in self.runs]
         total = sum(fixed) + sum(len(run.blocks) * t for run, t in zip(self.runs, fastest, strict=True))
         t_max = max([total / p] + [_least_bottleneck(fixed, len(run.blocks), t)
                                    for run, t in zip(self.runs, fastest, strict=True)])
         return self.m * t_max + self._fill() / p * total
+
+    def even_split_is_optimal(self) -> bool:
+        """Whether no assignment beats the even split (pipeline.split_blocks) with nothing recomputed."""
+        even = pipeline.split_blocks(sum(len(run.blocks) for run in self.runs), self.chunks)
+        return self.lower_bound() >= self.objective(even, "none") * (1 - 1e-9)
 
     def _fill(self) -> float:
         return pipeline.fill_drain(self.layout.pp, self.layout.vpp, self.layout.schedule)
@@ -250,7 +261,7 @@ class StageILP:
         import pulp
 
         for s in range(self.layout.pp):
-            fixed, _ = self._fixed(s)
+            fixed, _ = self._fixed_parts[s]
             work = pulp.lpSum(self.k[c, r, a] * run.time[a] for c in self._chunks_of(s)
                               for r, run in enumerate(self.runs) for a in self.modes)
             self.prob += self.T[s] == fixed + work, f"time_{s}"
@@ -262,7 +273,7 @@ class StageILP:
 
         lay = self.layout
         for s in range(lay.pp):
-            _, fixed = self._fixed(s)
+            _, fixed = self._fixed_parts[s]
             held = pipeline.in_flight(s, lay.pp, self.m, lay.vpp, lay.schedule)
             chunks = self._chunks_of(s)
             states = pulp.lpSum(self.n[c, r] * run.states for c in chunks for r, run in enumerate(self.runs))

@@ -33,7 +33,7 @@ from autoshard.cost_models import communication as comm
 from autoshard.cost_models.estimate import Estimate, estimate, peak_memory, pipeline_time
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
-from autoshard.cost_models.pipeline import fill_drain, split_blocks
+from autoshard.cost_models.pipeline import fill_drain
 from autoshard.cost_models.validity import TORCH_SCHEDULES, cp_errors, layout_errors, tp_errors
 from autoshard.cost_models.work import UnitWork, model_work
 from autoshard.hardware_profiles import Profile
@@ -112,7 +112,7 @@ def search(graph: ModelGraph, gpus: int, training: Training, profile: Profile,
             continue
         mbs, vpp, schedule = choice
         if dead.get((degrees, vpp, schedule), math.inf) <= mbs:
-            continue  # a smaller micro-batch fits nowhere: this one holds more
+            continue  # a smaller micro-batch fits nowhere: this one holds more (_lightest_fitting)
         visited.add(degrees)
         cand, none_fit = _price_choice(graph, work, degrees, choice, training, profile, fixed, result, memo,
                                        min(shown.get(degrees, math.inf), last))
@@ -226,9 +226,10 @@ def _choice_floors(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, 
     (_lightest_fitting); inf when none could. ZeRO-3, the data-parallel traffic and the optimizer only add to
     a pipeline time, heavier recompute too (estimate.pipeline_time)."""
     tp, cp, pp, dp, ep = degrees
-    lightest = _lightest_fitting(graph, work, degrees, training, profile, fixed, memo)
+    choices = _combos(graph, degrees, training, fixed)
+    lightest = _lightest_fitting(graph, work, degrees, choices, training, profile, fixed, memo)
     out = []
-    for mbs, vpp, schedule in _combos(graph, degrees, training, fixed):
+    for mbs, vpp, schedule in choices:
         recompute = lightest[vpp, schedule]
         floor = math.inf if recompute is None else pipeline_time(
             graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=1,
@@ -238,15 +239,17 @@ def _choice_floors(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, 
 
 
 def _lightest_fitting(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
-                      training: Training, profile: Profile, fixed: dict[str, Any],
-                      memo: dict) -> dict[tuple[int, str], str | None]:
-    """(interleaving, schedule) -> the lightest recompute at which some layout of the tuple with them could
-    fit in memory, None when none could. Asked at the least micro-batch (a larger one holds more: _inner)
-    and the leanest ZeRO stages: the highest below 3 (stages 0-2 differ only in what they shard) and 3."""
+                      choices: list[tuple[int, int, str]], training: Training, profile: Profile,
+                      fixed: dict[str, Any], memo: dict) -> dict[tuple[int, str], str | None]:
+    """(interleaving, schedule) of `choices` -> the lightest recompute at which some layout of the tuple with
+    them could fit in memory, None when none could. Asked at the least micro-batch: a larger one holds more
+    (model states alike; activations, logits and in-flight micro-batches x micro-batch size never shrink:
+    pipeline.in_flight). And at the leanest ZeRO stages: the highest below 3 (stages 0-2 differ only in
+    what they shard) and 3."""
     tp, cp, pp, dp, ep = degrees
-    choices = _combos(graph, degrees, training, fixed)
     zeros = _choices("zero", framework_choices(graph, training, pp)[0], fixed)
-    lean = [z for z in zeros if z == 3 or z == max((z for z in zeros if z < 3), default=None)]
+    below = [z for z in zeros if z < 3]
+    lean = ([max(below)] if below else []) + ([3] if 3 in zeros else [])
     mbs = min((b for b, _, _ in choices), default=1)
     out: dict[tuple[int, str], str | None] = {}
     for vpp, schedule in dict.fromkeys((v, sch) for _, v, sch in choices):
@@ -434,8 +437,7 @@ def _refine(graph: ModelGraph, work: list[UnitWork], fits: list[Candidate], trai
 
         modes = (fixed["recompute"],) if "recompute" in fixed else RECOMPUTE
         ilp = StageILP(work, dataclasses.replace(cand.layout, recompute="none"), training, profile, modes=modes)
-        even = split_blocks(sum(w.kind == "block" for w in work), cand.layout.pp * cand.layout.vpp)
-        if cand.layout.recompute == "none" and ilp.lower_bound() >= ilp.objective(even, "none") * (1 - 1e-9):
+        if cand.layout.recompute == "none" and ilp.even_split_is_optimal():
             result.ilp_skipped += 1  # nothing recomputed and no split beats the even one: nothing to find
             continue
         assignment = ilp.build().solve()
