@@ -1,21 +1,25 @@
-"""Capture deep models fast: trace and measure three blocks of each run of identical blocks, then repeat.
+"""Capture deep models fast: trace and measure two or three blocks of each run of identical blocks, then repeat.
 
 A run of n identical blocks (equal signature: class, parameter shapes and dtypes) costs the same per block,
-so the model is captured with the run cut to its first, second and last block (the first sees the
-embedding, the last feeds what follows, the second stands for all between), and the ModelGraph is
-expanded back to n blocks: the second block's unit is repeated under the missing names with its incoming
-edges, and the edge between consecutive blocks is repeated. Llama-3.1-405B is captured as 3 blocks
-instead of 126.
+so the model is captured with the run cut to a few blocks and the ModelGraph is expanded back to n blocks:
+each kept block's unit is repeated under the names of the blocks it stands for (itself and those after it up
+to the next kept block), with its incoming edges, and the edge between consecutive blocks is repeated.
+- A model of the user's keeps each run's first, second and last block: the first sees the embedding, the
+  last feeds what follows, the second stands for all between. Llama-3.1-405B is captured as 3 blocks of 126.
+- A spec (autoshard's own reference transformer, whose blocks all read and write the hidden state alone)
+  keeps the first and second: the second also stands for the last (reference_model.repeated_blocks).
 
 Only regular data flow is expanded: kept blocks feed only the next kept block, and only a run's last block
 feeds later units. A skip connection (block 0 read again after the last block) shows up as an edge
-between non-adjacent kept blocks; then, or when the cut model fails to run, this returns None and the
-caller captures the whole model. Tests check that the expanded graph equals the full capture.
+between non-adjacent kept blocks or from a block other than a run's last; then, or when the cut model fails
+to run, this returns None and the caller captures the whole model. Tests check that the expanded graph
+equals the full capture.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 from torch import nn
@@ -27,7 +31,7 @@ MIN_SAVED_BLOCKS = 1
 
 
 def capture_repeated(module: nn.Module, capture_fn: Callable[[nn.Module], ModelGraph]) -> ModelGraph | None:
-    """`capture_fn(module)` on the model with each run of identical blocks cut to two, expanded back;
+    """`capture_fn(module)` on the model with each run of identical blocks cut to three, expanded back;
     None when the model has no long run or its data flow is not regular."""
     found = structure.find_block_container(module)
     if found is None:
@@ -73,7 +77,7 @@ def _expand(g: ModelGraph, container: str, keep: list[int], runs: list[tuple[int
     """The full ModelGraph from the reduced one (see the module docstring)."""
     name = {f"{container}.{j}": f"{container}.{i}" for j, i in enumerate(keep)}
     units = {name.get(u.name, u.name): _rename(u, u.name, name.get(u.name, u.name)) for u in g.units}
-    stands_for = _stands_for(container, runs)
+    stands_for = _stands_for(container, keep, runs)
     full_units: list[Unit] = []
     for u in g.units:
         orig = name.get(u.name, u.name)
@@ -95,43 +99,45 @@ def _expand(g: ModelGraph, container: str, keep: list[int], runs: list[tuple[int
     return expanded
 
 
-def _stands_for(container: str, runs: list[tuple[int, int]]) -> dict[str, list[str]]:
-    """Kept block -> the blocks it stands for (a run's second block stands for all but its first and last)."""
+def _stands_for(container: str, keep: list[int], runs: list[tuple[int, int]]) -> dict[str, list[str]]:
+    """Kept block -> the blocks it stands for: itself and the blocks after it up to the next kept block of its
+    run (keeping first, second and last, the second stands for all between; keeping first and second, the
+    second also stands for the last)."""
+    kept = set(keep)
     out: dict[str, list[str]] = {}
     for start, n in runs:
-        out[f"{container}.{start}"] = [f"{container}.{start}"]
-        out[f"{container}.{start + n - 1}"] = [f"{container}.{start + n - 1}"]
-        if n > 2:
-            out[f"{container}.{start + 1}"] = [f"{container}.{k}" for k in range(start + 1, start + n - 1)]
+        assert start in kept and (n == 1 or start + 1 in kept), "a run keeps its first and second blocks"
+        group: list[int] = []
+        for i in range(start + n - 1, start - 1, -1):
+            group.insert(0, i)
+            if i in kept:
+                out[f"{container}.{i}"] = [f"{container}.{j}" for j in group]
+                group = []
     return out
 
 
 def _expand_edges(edges: list[Edge], container: str, keep: list[int], runs: list[tuple[int, int]],
                   stands_for: dict[str, list[str]]) -> list[Edge] | None:
-    """Repeat edges into the middle blocks of runs and between them. None if the flow is irregular."""
+    """Repeat edges into the blocks a kept block stands for and between them. None if the flow is irregular."""
     position = {f"{container}.{i}": j for j, i in enumerate(keep)}
-    last = {f"{container}.{s + n - 1}" for s, n in runs}
-    middle = {f"{container}.{s + 1}" for s, n in runs if n > 2}
+    ends_run = {f"{container}.{s + n - 1}" for s, n in runs}
     out: list[Edge] = []
     for e in edges:
         src_block, dst_block = e.src in position, e.dst in position
         if src_block and dst_block and position[e.dst] != position[e.src] + 1:
             return None  # a skip connection between blocks
-        if src_block and not dst_block and e.src not in last:
+        src = stands_for[e.src][-1] if src_block else e.src  # a kept block's group feeds on from its last
+        if src_block and not dst_block and src not in ends_run:
             return None  # a block other than a run's last feeds a later unit
-        if src_block and dst_block and e.dst in middle:  # first -> second: first -> each middle block
-            out.append(dataclasses.replace(e, dst=stands_for[e.dst][0]))
-        elif src_block and dst_block and e.src in middle:  # second -> last: each middle block -> the next
-            out.extend(dataclasses.replace(e, src=b, dst=_next(b, container)) for b in stands_for[e.src])
-        elif dst_block:  # from a non-block unit, or the previous run, into a block
-            out.extend(dataclasses.replace(e, dst=d) for d in stands_for.get(e.dst, [e.dst]))
+        if src_block and dst_block:  # into a group: its first block, then block to block within it
+            group = stands_for[e.dst]
+            out.append(dataclasses.replace(e, src=src, dst=group[0]))
+            out.extend(dataclasses.replace(e, src=a, dst=b) for a, b in itertools.pairwise(group))
+        elif dst_block:  # from a non-block unit into a block: into each block of its group
+            out.extend(dataclasses.replace(e, dst=d) for d in stands_for[e.dst])
         else:
-            out.append(e)
+            out.append(dataclasses.replace(e, src=src))
     return sorted(out, key=lambda x: (x.src, x.dst))
-
-
-def _next(block: str, container: str) -> str:
-    return f"{container}.{int(block.rsplit('.', 1)[1]) + 1}"
 
 
 def _cuts(order: dict[str, int], edges: list[Edge]) -> list[int]:

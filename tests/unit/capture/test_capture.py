@@ -217,9 +217,11 @@ def test_gpt_block_matches_korthikanti_outside_the_core(specs):
 
 
 @pytest.mark.parametrize("model", ["examples/specs/tiny_llama.yaml", "examples/specs/tiny_gpt.yaml",
-                                   "examples/models/gpt2_small.py", "tests/data/hf/tiny_llama", "mlp6", "moe6"])
+                                   "examples/models/gpt2_small.py", "tests/data/hf/tiny_llama", "mlp6", "moe6",
+                                   "moe2+4"])
 def test_repeated_blocks_give_the_full_graph(model, tmp_path):
-    """Capturing three blocks of each run and repeating them (planner/capture/repeat.py) equals capturing all."""
+    """Capturing a few blocks of each run and repeating them (planner/capture/repeat.py: a spec keeps two
+    blocks of each run, a module three) equals capturing all."""
     from pathlib import Path
 
     import yaml
@@ -227,16 +229,19 @@ def test_repeated_blocks_give_the_full_graph(model, tmp_path):
     root = Path(__file__).resolve().parents[3]
     if model == "mlp6":
         source = MLPStack(layers=6)
-    elif model == "moe6":  # one dense block, then five MoE blocks: two runs
+    elif model in ("moe6", "moe2+4"):  # one (two: DeepSeek-V3's layering) dense blocks, then MoE blocks
         spec = yaml.safe_load((root / "examples/specs/tiny_moe.yaml").read_text())
         spec["model"]["layers"] = 6
-        source = tmp_path / "moe6.yaml"
+        spec["model"]["moe"]["dense_layers_first"] = 2 if model == "moe2+4" else 1
+        source = tmp_path / "moe.yaml"
         source.write_text(yaml.safe_dump(spec))
     else:
         source = root / model
     full = capture(source, 1, 16, repeat=False)
     fast = capture(source, 1, 16)
     assert comparable(fast) == comparable(full)
+    three_blocks = model == "tests/data/hf/tiny_llama"  # a module keeps three blocks of a run: nothing saved
+    assert any("identical blocks repeated" in w for w in fast.warnings) != three_blocks
     assert full.gm is not None or full.capture_method != "fx"
 
 
