@@ -230,7 +230,7 @@ def _choice_floors(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, 
     lightest = _lightest_fitting(graph, work, degrees, choices, training, profile, fixed, memo)
     out = []
     for mbs, vpp, schedule in choices:
-        recompute = lightest[vpp, schedule]
+        recompute = lightest[mbs, vpp, schedule]
         floor = math.inf if recompute is None else pipeline_time(
             graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=1,
                           recompute=recompute, **_flags(fixed)), training, profile, work=work, memo=memo)
@@ -240,24 +240,30 @@ def _choice_floors(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, 
 
 def _lightest_fitting(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
                       choices: list[tuple[int, int, str]], training: Training, profile: Profile,
-                      fixed: dict[str, Any], memo: dict) -> dict[tuple[int, str], str | None]:
-    """(interleaving, schedule) of `choices` -> the lightest recompute at which some layout of the tuple with
-    them could fit in memory, None when none could. Asked at the least micro-batch: a larger one holds more
-    (model states alike; activations, logits and in-flight micro-batches x micro-batch size never shrink:
-    pipeline.in_flight). And at the leanest ZeRO stages: the highest below 3 (stages 0-2 differ only in
-    what they shard) and 3."""
+                      fixed: dict[str, Any], memo: dict) -> dict[tuple[int, int, str], str | None]:
+    """Each choice of `choices` -> the lightest recompute at which some layout of the tuple with it could fit
+    in memory, None when none could: at the leanest ZeRO stages, the highest below 3 (stages 0-2 differ only
+    in what they shard) and 3. A larger micro-batch holds more (model states alike; activations, logits and
+    in-flight micro-batches x micro-batch size never shrink: pipeline.in_flight), so its lightest recompute is
+    sought from the smaller one's on."""
     tp, cp, pp, dp, ep = degrees
     zeros = _choices("zero", framework_choices(graph, training, pp)[0], fixed)
     below = [z for z in zeros if z < 3]
     lean = ([max(below)] if below else []) + ([3] if 3 in zeros else [])
-    mbs = min((b for b, _, _ in choices), default=1)
-    out: dict[tuple[int, str], str | None] = {}
-    for vpp, schedule in dict.fromkeys((v, sch) for _, v, sch in choices):
-        out[vpp, schedule] = next(
-            (r for r in _choices("recompute", list(RECOMPUTE), fixed)
-             if any(peak_memory(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
-                                              zero=z, recompute=r, **_flags(fixed)), training, work=work, memo=memo)
-                    <= profile.hbm_bytes for z in lean)), None)
+    modes = _choices("recompute", list(RECOMPUTE), fixed)
+
+    def fits(mbs: int, vpp: int, schedule: str, recompute: str) -> bool:
+        return any(peak_memory(graph, Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule,
+                                             zero=z, recompute=recompute, **_flags(fixed)), training, work=work,
+                               memo=memo) <= profile.hbm_bytes for z in lean)
+
+    out: dict[tuple[int, int, str], str | None] = {}
+    first = dict.fromkeys(((v, sch) for _, v, sch in choices), 0)  # (vpp, schedule) -> first mode to ask
+    for mbs, vpp, schedule in sorted(choices):
+        start = first[vpp, schedule]
+        at = next((i for i in range(start, len(modes)) if fits(mbs, vpp, schedule, modes[i])), len(modes))
+        out[mbs, vpp, schedule] = modes[at] if at < len(modes) else None
+        first[vpp, schedule] = at
     return out
 
 
