@@ -16,6 +16,7 @@ longer agree on the next collective).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from spawn import exit_cleanly  # tests/distributed is the script's directory
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.planner.capture.loading import load_model
+from autoshard.planner.capture.model_graph import ModelGraph
 from autoshard.planner.capture.trace import capture
 from autoshard.planner.errors import UserError
 from autoshard.synthetic import synthetic_batch
@@ -47,11 +49,20 @@ def build(arch: str) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
 
 
-def train(arch: str, layout_text: str, steps: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def captured(arch: str) -> ModelGraph:
+    """The architecture's ModelGraph, captured once on rank 0 (as `plan` captures it: fx, export, hooks) and
+    sent to every rank: it does not depend on the layout, and four ranks capturing each case again on two
+    cores took half the launch."""
+    box = [dataclasses.replace(capture(build(arch), 1, SEQ), gm=None) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train(arch: str, graph: ModelGraph, layout_text: str, steps: int,
+          world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of `steps` AdamW steps and the whole gradients after the first, under `layout_text` ("" for the
     unsharded model on this rank alone)."""
     model = build(arch)
-    graph = capture(model, 1, SEQ)
     partial = parse_layout(layout_text)
     partial.setdefault("zero", 0)
     layout = complete(partial, world if layout_text else 1)
@@ -94,7 +105,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for arch, layouts in json.loads(args.cases).items():
-        box = [train(arch, "", args.steps, 1) if rank == 0 else None]
+        graph = captured(arch)
+        box = [train(arch, graph, "", args.steps, 1) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         reference = box[0]
         for layout in layouts:
@@ -102,7 +114,7 @@ def main() -> None:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    got = train(arch, layout, args.steps, world)
+                    got = train(arch, graph, layout, args.steps, world)
                 notes = sorted({str(w.message) for w in caught if "runs replicated" in str(w.message)})
                 result = compare(got, reference) | {"losses": got[0], "replicated": notes}
             except (UserError, ValueError) as exc:
