@@ -6,7 +6,8 @@ all of them (about 3.5 CPU seconds per rank and launch, most of a tiny case's co
         --cases '[["case-id", "examples/specs/tiny_llama.yaml", "tp=2", ["--stage-split", "1,3"]], ...]'
 
 Each case runs as examples/train.py runs it (its argument parser with the test's arguments, its model
-builder, layout parsing, batch check, apply_layout arguments and synthetic batches; only the process group
+builder, capture (once per model and rank), layout parsing, batch check, apply_layout arguments and synthetic
+batches; only the process group
 is started once for all cases; train.py's checkpoint, --verify and --grads-out options are not mirrored
 and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after step 1, "dropped": MoE
 assignments dropped at capacity on rank 0} to DIR/case-<i>.pt,
@@ -20,10 +21,12 @@ A layout refused on every rank before any collective (UserError/ValueError, trai
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,7 @@ train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train)
 
 BASE = ["--steps", "5", "--seed", "7", "--global-batch", "8", "--seq-len", "32"]
+_GRAPHS: dict[tuple[str, int], Any] = {}
 
 
 def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
@@ -44,7 +48,10 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
     unmirrored = [f for f in ("checkpoint_dir", "resume", "verify", "grads_out") if getattr(args, f, None)]
     assert not unmirrored, f"equivalence_worker.py does not run train.py's {unmirrored}: launch train.py instead"
     model_, vocab = train._build(args)
-    graph = train.capture(model_, 1, args.seq_len)
+    key = (model, args.seq_len)
+    if key not in _GRAPHS:  # captured once per model and rank: the graph does not depend on the layout
+        _GRAPHS[key] = train.capture(model_, 1, args.seq_len)
+    graph = copy.deepcopy(_GRAPHS[key])
     layout_, recompute, split = train._layout(args, world, graph)
     if args.global_batch % (layout_.dp * layout_.mbs):
         raise train.UserError(f"--global-batch {args.global_batch} is not divisible by dp({layout_.dp}) x "
