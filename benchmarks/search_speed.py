@@ -61,6 +61,17 @@ def run(model: Path, gpus: int, batch: int | None, cache: bool) -> tuple[subproc
     return out, wall, cpu
 
 
+def torch_import_cpu(repeat: int) -> float:
+    """Least CPU seconds of `python -c "import torch"`: what the machine's speed is this minute."""
+    least = float("inf")
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        least = min(least, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return least
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the cases whose name contains this (case-insensitive)")
@@ -69,7 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     saved = {}
     os.environ["AUTOSHARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoshard-bench-cache-")
-    print(f"CPU s: least of {max(1, args.repeat)} (median)")
+    print(f"CPU s: least of {max(1, args.repeat)} (median); `import torch` alone on this machine now: "
+          f"{torch_import_cpu(max(1, args.repeat)):.1f} CPU s (the floor under every cold call)")
     print(f"{'model':<28}{'GPUs':>7}{'cold CPU s':>11}{'median':>7}{'warm CPU s':>11}{'solve s':>8}{'step s':>10}  "
           "layout")
     for name, model, gpus, batch in CASES:
