@@ -108,8 +108,9 @@ class _Stage:
     """Unit FQN -> recompute mode."""
     kinds: list[tuple[UnitWork, str, int]] = field(default_factory=list)
     """(one unit of each kind, its recompute mode, how many the stage holds): what the stage costs."""
-    key: tuple = ()
-    """Stages with equal keys cost the same."""
+    key: int = -1
+    """Stages with equal keys cost the same: the number `_stages` gives the stage's (chunks, kinds and how many
+    of each) in the memo."""
     params: tuple[int, int] = (0, 0)
     """(dense, expert) parameters of its units, unsharded."""
 
@@ -264,7 +265,8 @@ def _stages(work: list[UnitWork], layout: Layout, split: list[int] | None, recom
             kind = kinds.setdefault((_cost_key(w), mode), [w, mode, 0])
             kind[2] += 1
         stage.kinds = [(w, mode, n) for w, mode, n in kinds.values()]
-        stage.key = (stage.chunks, tuple((k, v[2]) for k, v in kinds.items()))
+        ids = memo.setdefault("stage_ids", {})  # a small int hashes at once; the tuple it stands for does not
+        stage.key = ids.setdefault((stage.chunks, tuple((k, v[2]) for k, v in kinds.items())), len(ids))
         stage.params = (sum(n * w.dense_params for w, _, n in stage.kinds),
                         sum(n * w.expert_params for w, _, n in stage.kinds))
     if recompute is None:
