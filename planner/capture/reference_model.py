@@ -163,7 +163,9 @@ class MoE(nn.Module):
        (`index_add_`), plus the shared experts.
 
     Capture (`torch.fx.symbolic_trace` or meta tensors, where there are no values): the rows are not
-    counted and one expert runs on all T*k of them, the FLOPs and saved bytes of perfectly balanced
+    counted and one expert runs on all T*k of them (so capture builds two experts, `experts_built`, and
+    declares the others in `unbuilt_experts`: planner/capture/structure.unbuilt_parameters counts them;
+    building DeepSeek-V3's 256 per kept layer cost a cold `plan` 0.2 s), the FLOPs and saved bytes of perfectly balanced
     routing (what MoE throughput benchmarks force) at 1/E of the dispatch cost; the cost model applies the
     capacity factor (cost_models/work.py). FakeTensor capture (make_fx "fake") would hit the
     data-dependent `bincount`; capture on meta instead.
@@ -184,13 +186,15 @@ class MoE(nn.Module):
 
     def __init__(
         self, hidden: int, *, experts: int, top_k: int, expert_ffn_hidden: int, shared_experts: int = 0,
-        capacity_factor: float | None = None, aux_loss_coef: float = 0.0,
+        capacity_factor: float | None = None, aux_loss_coef: float = 0.0, experts_built: int | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = experts, top_k
         self.capacity_factor, self.aux_loss_coef = capacity_factor, aux_loss_coef
         self.router = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(hidden, expert_ffn_hidden) for _ in range(experts))
+        built = experts if experts_built is None else min(experts, max(2, experts_built))
+        self.experts = nn.ModuleList(FeedForward(hidden, expert_ffn_hidden) for _ in range(built))
+        self.unbuilt_experts = experts - built
         self.shared_experts = (
             FeedForward(hidden, shared_experts * expert_ffn_hidden) if shared_experts > 0 else None
         )
@@ -239,6 +243,7 @@ class MoE(nn.Module):
         """Expert e on its `counts[e]` consecutive rows (counts None: capture, one expert on all rows)."""
         if counts is None:
             return self.experts[0](rows)
+        assert not self.unbuilt_experts, "a MoE built for capture (experts_built) holds too few experts to train"
         return run_local_experts(list(self.experts), rows, counts)
 
     def _add_aux_loss(self, y: Tensor, probs: Tensor, flat_ids: Tensor) -> Tensor:
@@ -313,7 +318,7 @@ def run_local_experts(experts: list[nn.Module], rows: Tensor, counts: Tensor) ->
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(attention_norm(x)), then + feed_forward or moe (of ffn_norm(x))."""
 
-    def __init__(self, spec: ModelSpec, layer_id: int) -> None:
+    def __init__(self, spec: ModelSpec, layer_id: int, experts_built: int | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.moe_enabled = spec.is_moe_layer(layer_id)
@@ -330,6 +335,7 @@ class TransformerBlock(nn.Module):
                 shared_experts=spec.moe.shared_experts,
                 capacity_factor=spec.moe.capacity_factor,
                 aux_loss_coef=spec.moe.aux_loss_coef,
+                experts_built=experts_built,
             )
         else:
             assert spec.ffn_hidden is not None, "the spec parser requires ffn_hidden for dense layers"
@@ -353,13 +359,13 @@ class Transformer(nn.Module):
     rope_cos: Tensor
     rope_sin: Tensor
 
-    def __init__(self, spec: ModelSpec, layer_ids: list[int] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, layer_ids: list[int] | None = None, experts_built: int | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab, spec.hidden)
         self.pos_embeddings = nn.Embedding(spec.seq_len, spec.hidden) if spec.style == "gpt" else None
         ids = range(spec.layers) if layer_ids is None else layer_ids
-        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in ids)
+        self.layers = nn.ModuleList(TransformerBlock(spec, i, experts_built) for i in ids)
         self.norm = _norm(spec)
         self.output = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
@@ -437,10 +443,12 @@ def pop_aux_losses(model: nn.Module, micro_batches: int) -> Tensor | None:
     return total
 
 
-def build_reference_model(spec: ModelSpec, layer_ids: list[int] | None = None) -> Transformer:
+def build_reference_model(spec: ModelSpec, layer_ids: list[int] | None = None,
+                          experts_built: int | None = None) -> Transformer:
     """The reference transformer for `spec`, on the current default device (use meta for big models).
-    `layer_ids` builds only those blocks (capture of a deep model: see `repeated_blocks`)."""
-    return Transformer(spec, layer_ids)
+    `layer_ids` builds only those blocks (capture of a deep model: see `repeated_blocks`); `experts_built`
+    (at least 2) only that many experts per MoE layer, the others declared (capture only: MoE)."""
+    return Transformer(spec, layer_ids, experts_built)
 
 
 def repeated_blocks(spec: ModelSpec) -> tuple[list[int], list[tuple[int, int]]]:

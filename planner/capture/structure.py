@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from autoshard.planner.capture.model_graph import AttentionInfo, MLPInfo, MoEInfo
@@ -32,10 +33,27 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def unbuilt_parameters(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(FQN under `module`, shape, dtype) of the parameters of experts a MoE layer declares but did not build:
+    autoshard's reference MoE captured on meta builds two of its experts (`unbuilt_experts` more are copies
+    of its first, reference_model.MoE); counted wherever parameters are (signature, units, the model)."""
+    out = []
+    for name, mod in module.named_modules():
+        unbuilt = getattr(mod, "unbuilt_experts", 0)
+        if not unbuilt:
+            continue
+        experts = _join(name, "experts")
+        built = len(mod.experts)
+        out += [(f"{experts}.{i}.{n}", tuple(p.shape), p.dtype) for i in range(built, built + unbuilt)
+                for n, p in mod.experts[0].named_parameters()]
+    return out
+
+
 def signature(module: nn.Module) -> str:
-    """Class plus parameter shapes and dtypes: equal for interchangeable blocks."""
-    parts = [type(module).__name__] + [f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters()]
-    digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+    """Class plus parameter names, shapes and dtypes (declared experts too): equal for interchangeable blocks."""
+    parts = [f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters()]
+    parts += [f"{n}:{shape}:{dtype}" for n, shape, dtype in unbuilt_parameters(module)]
+    digest = hashlib.sha1("|".join([type(module).__name__, *sorted(parts)]).encode()).hexdigest()[:8]
     return f"{type(module).__name__}#{digest}"
 
 
@@ -237,11 +255,12 @@ def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | Non
     [experts, ...] (transformers 5), beside a router with one output per expert."""
     root = model.get_submodule(block)
     for fqn, mod in root.named_modules():
-        count, fused = _experts(mod)
-        if not count:
+        built, fused = _experts(mod)
+        if not built:
             continue
         experts = _join(block, fqn)
         parent = experts.rsplit(".", 1)[0]
+        count = built + getattr(model.get_submodule(parent), "unbuilt_experts", 0)  # unbuilt_parameters
         router, shared = None, []
         for name, child in model.get_submodule(parent).named_children():
             full = _join(parent, name)
@@ -257,7 +276,7 @@ def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | Non
         top_k = next((e.info["k"] for e in events if e.kind == "fn" and e.name == "topk"
                       and e.stack and _under(e.stack[-1], parent)), 1)
         return MoEInfo(module=parent, router=router, experts=experts, num_experts=count, top_k=top_k,
-                       shared=shared, expert_params=param_count(mod) // count, fused=fused,
+                       shared=shared, expert_params=param_count(mod) // built, fused=fused,
                        capacity_factor=getattr(model.get_submodule(parent), "capacity_factor", None))
     return None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def capture(
             graph = capture_repeated(module, lambda mod: _capture_module(mod, inputs, methods))
         if graph is None:
             graph = _capture_module(module, inputs, methods)
-    built = sum(p.numel() for p in module.parameters())
+    built = _param_count(module)
     graph.params = built + unbuilt  # blocks never built: their repeated units carry their parameters
     declared = {k: round(v * graph.params / built) for k, v in declared.items()}
     graph.tied = _tied(module)
@@ -95,12 +96,12 @@ def capture(
     return graph
 
 
-def _spec_module(spec: Any, layer_ids: list[int] | None = None) -> nn.Module:
+def _spec_module(spec: Any, layer_ids: list[int] | None = None, experts_built: int | None = None) -> nn.Module:
     """autoshard's reference transformer for a spec, built on meta (ours: no copy needed)."""
     from autoshard.planner.capture.reference_model import build_reference_model
 
     with torch.device("meta"):
-        return build_reference_model(spec, layer_ids)
+        return build_reference_model(spec, layer_ids, experts_built)
 
 
 def _capture_spec_repeated(spec: Any, dtype: torch.dtype, inputs: tuple,
@@ -113,7 +114,7 @@ def _capture_spec_repeated(spec: Any, dtype: torch.dtype, inputs: tuple,
     keep, runs = repeated_blocks(spec)
     if len(keep) == spec.layers:
         return None, nn.Module(), {}, 0
-    module = _spec_module(spec, keep)
+    module = _spec_module(spec, keep, experts_built=2)  # one expert runs on meta (reference_model.MoE)
     declared = _param_bytes(module)
     module.to(dtype)
     try:
@@ -144,7 +145,14 @@ def _param_bytes(model: nn.Module) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for p in model.parameters():
         out[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+    for _, shape, dtype in structure.unbuilt_parameters(model):
+        out[str(dtype).removeprefix("torch.")] += math.prod(shape) * dtype.itemsize
     return dict(out)
+
+
+def _param_count(model: nn.Module) -> int:
+    """Parameters of `model`, experts declared but not built included (structure.unbuilt_parameters)."""
+    return structure.param_count(model) + sum(math.prod(shape) for _, shape, _ in structure.unbuilt_parameters(model))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -519,7 +527,7 @@ def _build_graph(module: nn.Module, layout: _Layout, m: _Measured, flow: Flow, n
         units=units,
         edges=edges_from_flow(flow, nbytes),
         cut_points=cuts_from_flow(order, flow),
-        params=sum(p.numel() for p in module.parameters()),
+        params=_param_count(module),
         param_bytes={},
         fwd_flops=total_fwd,
         bwd_flops=total_bwd,
@@ -546,9 +554,9 @@ def _unit(module: nn.Module, name: str, layout: _Layout, m: _Measured, vocab: in
         kind=structure.unit_kind(module, name, layout.blocks, vocab),
         cls=type(mod).__name__,
         signature=structure.signature(mod),
-        params=structure.param_count(mod),
+        params=_param_count(mod),
         param_bytes=_param_bytes(mod),
-        param_tensors=sum(1 for _ in mod.parameters()),
+        param_tensors=sum(1 for _ in mod.parameters()) + len(structure.unbuilt_parameters(mod)),
         fwd_flops=sum(v[0] for v in flops_by_op.values()),
         bwd_flops=sum(v[1] for v in flops_by_op.values()),
         saved_bytes=sum(saved_by_op.values()),

@@ -249,3 +249,21 @@ def test_skip_connections_fall_back_to_the_full_capture():
     g = capture(SkipStack(layers=6), 1, 8)
     assert not any("repeated" in w for w in g.warnings)
     assert [g.cut_name(k) for k in g.cut_points] == ["emb|layers.0", "layers.0|layers.1", "layers.5|head"]
+
+
+def test_a_spec_moe_is_captured_with_two_experts_built_and_the_others_counted(specs):
+    """Only the first expert runs on meta (reference_model.MoE), so capture builds two per MoE layer and
+    declares the rest; every parameter count, byte count and signature equals the full build's (the graphs
+    are compared whole in test_repeated_blocks_give_the_full_graph[moe6])."""
+    from autoshard.planner.capture import structure, trace
+    from autoshard.planner.capture.loading import load_model
+
+    spec = load_model(specs / "tiny_moe.yaml").spec  # 4 experts of SwiGLU (3 weights) per MoE layer
+    standin, full = trace._spec_module(spec, [1], experts_built=2), trace._spec_module(spec, [1])
+    moe = standin.layers[0].moe
+    assert (len(moe.experts), moe.unbuilt_experts, full.layers[0].moe.unbuilt_experts) == (2, 2, 0)
+    assert [n for n, _, _ in structure.unbuilt_parameters(standin)][:3] == [
+        "layers.0.moe.experts.2.w1.weight", "layers.0.moe.experts.2.w2.weight", "layers.0.moe.experts.2.w3.weight"]
+    assert trace._param_count(standin) == trace._param_count(full) == structure.param_count(full)
+    assert trace._param_bytes(standin) == trace._param_bytes(full)
+    assert structure.signature(standin.layers[0]) == structure.signature(full.layers[0])
