@@ -164,7 +164,7 @@ class MoE(nn.Module):
 
     Capture (`torch.fx.symbolic_trace` or meta tensors, where there are no values): the rows are not
     counted and one expert runs on all T*k of them (so capture builds two experts, `experts_built`, and
-    declares the others in `unbuilt_experts`: planner/capture/structure.unbuilt_parameters counts them;
+    declares the others in `unbuilt_experts`: planner/capture/structure.declared_parameters counts them;
     building DeepSeek-V3's 256 per kept layer cost a cold `plan` 0.2 s), the FLOPs and saved bytes of perfectly balanced
     routing (what MoE throughput benchmarks force) at 1/E of the dispatch cost; the cost model applies the
     capacity factor (cost_models/work.py). FakeTensor capture (make_fx "fake") would hit the

@@ -103,16 +103,12 @@ def _stands_for(container: str, keep: list[int], runs: list[tuple[int, int]]) ->
     """Kept block -> the blocks it stands for: itself and the blocks after it up to the next kept block of its
     run (keeping first, second and last, the second stands for all between; keeping first and second, the
     second also stands for the last)."""
-    kept = set(keep)
     out: dict[str, list[str]] = {}
     for start, n in runs:
-        assert start in kept and (n == 1 or start + 1 in kept), "a run keeps its first and second blocks"
-        group: list[int] = []
-        for i in range(start + n - 1, start - 1, -1):
-            group.insert(0, i)
-            if i in kept:
-                out[f"{container}.{i}"] = [f"{container}.{j}" for j in group]
-                group = []
+        kept = [i for i in keep if start <= i < start + n]
+        assert kept[:2] == list(range(start, start + min(n, 2))), "a run keeps its first and second blocks"
+        for k, end in zip(kept, [*kept[1:], start + n], strict=True):
+            out[f"{container}.{k}"] = [f"{container}.{j}" for j in range(k, end)]
     return out
 
 

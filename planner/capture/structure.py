@@ -33,27 +33,25 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unbuilt_parameters(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(FQN under `module`, shape, dtype) of the parameters of experts a MoE layer declares but did not build:
-    autoshard's reference MoE captured on meta builds two of its experts (`unbuilt_experts` more are copies
-    of its first, reference_model.MoE); counted wherever parameters are (signature, units, the model)."""
-    out = []
+def declared_parameters(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(FQN under `module`, shape, dtype) of its parameters as named_parameters() lists them, then those of
+    experts a MoE layer declares but did not build: autoshard's reference MoE captured on meta builds two of
+    its experts (`unbuilt_experts` more are copies of its first, reference_model.MoE). What signatures and
+    parameter counts and bytes are taken over (planner/capture/trace.py)."""
+    out = [(n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()]
     for name, mod in module.named_modules():
         unbuilt = getattr(mod, "unbuilt_experts", 0)
-        if not unbuilt:
-            continue
-        experts = _join(name, "experts")
-        built = len(mod.experts)
-        out += [(f"{experts}.{i}.{n}", tuple(p.shape), p.dtype) for i in range(built, built + unbuilt)
-                for n, p in mod.experts[0].named_parameters()]
+        if unbuilt:
+            built = len(mod.experts)
+            out += [(f"{_join(name, 'experts')}.{i}.{n}", tuple(p.shape), p.dtype)
+                    for i in range(built, built + unbuilt) for n, p in mod.experts[0].named_parameters()]
     return out
 
 
 def signature(module: nn.Module) -> str:
     """Class plus parameter names, shapes and dtypes (declared experts too): equal for interchangeable blocks."""
-    parts = [f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters()]
-    parts += [f"{n}:{shape}:{dtype}" for n, shape, dtype in unbuilt_parameters(module)]
-    digest = hashlib.sha1("|".join([type(module).__name__, *sorted(parts)]).encode()).hexdigest()[:8]
+    parts = sorted(f"{n}:{shape}:{dtype}" for n, shape, dtype in declared_parameters(module))
+    digest = hashlib.sha1("|".join([type(module).__name__, *parts]).encode()).hexdigest()[:8]
     return f"{type(module).__name__}#{digest}"
 
 
@@ -260,7 +258,7 @@ def moe_info(model: nn.Module, block: str, events: list[Event]) -> MoEInfo | Non
             continue
         experts = _join(block, fqn)
         parent = experts.rsplit(".", 1)[0]
-        count = built + getattr(model.get_submodule(parent), "unbuilt_experts", 0)  # unbuilt_parameters
+        count = built + getattr(model.get_submodule(parent), "unbuilt_experts", 0)  # declared_parameters
         router, shared = None, []
         for name, child in model.get_submodule(parent).named_children():
             full = _join(parent, name)

@@ -141,18 +141,19 @@ def to_meta(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _param_bytes(model: nn.Module) -> dict[str, int]:
+def _param_bytes(model: nn.Module, declared: list | None = None) -> dict[str, int]:
+    """Parameter bytes by dtype, experts declared but not built included (structure.declared_parameters,
+    or `declared` when the caller has them)."""
     out: dict[str, int] = defaultdict(int)
-    for p in model.parameters():
-        out[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
-    for _, shape, dtype in structure.unbuilt_parameters(model):
+    for _, shape, dtype in declared if declared is not None else structure.declared_parameters(model):
         out[str(dtype).removeprefix("torch.")] += math.prod(shape) * dtype.itemsize
     return dict(out)
 
 
-def _param_count(model: nn.Module) -> int:
-    """Parameters of `model`, experts declared but not built included (structure.unbuilt_parameters)."""
-    return structure.param_count(model) + sum(math.prod(shape) for _, shape, _ in structure.unbuilt_parameters(model))
+def _param_count(model: nn.Module, declared: list | None = None) -> int:
+    """Parameters of `model`, experts declared but not built included (as _param_bytes)."""
+    return sum(math.prod(shape) for _, shape, _ in
+               (declared if declared is not None else structure.declared_parameters(model)))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -549,14 +550,15 @@ def _unit(module: nn.Module, name: str, layout: _Layout, m: _Measured, vocab: in
     for (where, op), n in m.saved.items():
         if structure._under(where, name):
             saved_by_op[op] += n
+    declared = structure.declared_parameters(mod)
     unit = Unit(
         name=name,
         kind=structure.unit_kind(module, name, layout.blocks, vocab),
         cls=type(mod).__name__,
         signature=structure.signature(mod),
-        params=_param_count(mod),
-        param_bytes=_param_bytes(mod),
-        param_tensors=sum(1 for _ in mod.parameters()) + len(structure.unbuilt_parameters(mod)),
+        params=_param_count(mod, declared),
+        param_bytes=_param_bytes(mod, declared),
+        param_tensors=len(declared),
         fwd_flops=sum(v[0] for v in flops_by_op.values()),
         bwd_flops=sum(v[1] for v in flops_by_op.values()),
         saved_bytes=sum(saved_by_op.values()),
