@@ -13,7 +13,7 @@ and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after 
 assignments dropped at capacity on rank 0} to DIR/case-<i>.pt,
 i the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
 its own (train.py's reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id
-"reference:<model>". rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
+"reference:<model>" (with " --micro-batch <k>" appended for cases that give their own: one reference each). rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
 A layout refused on every rank before any collective (UserError/ValueError, train.py's exit 2) is printed as
 {"case": id, "refused": message}; any other exception ends the worker with its traceback.
 """
@@ -41,10 +41,12 @@ BASE = ["--steps", "5", "--seed", "7", "--global-batch", "8", "--seq-len", "32"]
 _GRAPHS: dict[tuple[str, int], Any] = {}
 
 
-def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
+def run(model: str, layout: str, extra: list[str], world: int,
+        micro_batch: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
     """train.main's body for one case on `world` ranks (1: the unsharded reference on this rank alone); also
     the MoE assignments this rank dropped at capacity (reference_model.MoE.dropped)."""
-    args = train._parser().parse_args(["--model", model, *BASE, *(["--layout", layout] if layout else []), *extra])
+    args = train._parser().parse_args(["--model", model, *BASE, "--micro-batch", str(micro_batch),
+                                       *(["--layout", layout] if layout else []), *extra])
     unmirrored = [f for f in ("checkpoint_dir", "resume", "verify", "grads_out") if getattr(args, f, None)]
     assert not unmirrored, f"equivalence_worker.py does not run train.py's {unmirrored}: launch train.py instead"
     model_, vocab = train._build(args)
@@ -68,10 +70,17 @@ def run(model: str, layout: str, extra: list[str], world: int) -> tuple[list[flo
     return losses, grads, sum(getattr(m, "dropped", 0) for m in model_.modules())
 
 
+def own_micro_batch(extra: list[str]) -> list[str]:
+    """The case's own --micro-batch argument (["--micro-batch", "1"]), or []."""
+    i = extra.index("--micro-batch") if "--micro-batch" in extra else -1
+    return extra[i:i + 2] if i >= 0 else []
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", required=True, help="JSON: [[case id, model, layout, [extra train.py args]], ...]")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--micro-batch", type=int, default=1, help="train.py's, for every case (a case's own wins)")
     args = p.parse_args()
     cases = json.loads(args.cases)
     dist.init_process_group("gloo")
@@ -82,16 +91,18 @@ def main() -> None:
             torch.save({"losses": result[0], "grads": result[1], "dropped": result[2]}, args.out / name)
             print(json.dumps({"case": case, "file": name, "seconds": time.perf_counter() - start}), flush=True)
 
-    models = list(dict.fromkeys(model for _, model, _, _ in cases))
+    # one reference per model and micro-batch: a MoE's aux loss is the micro-batch's (its expert counts)
+    references = list(dict.fromkeys((model, tuple(own_micro_batch(extra))) for _, model, _, extra in cases))
     if rank == 0:
-        for i, model in enumerate(models):
+        for i, (model, own) in enumerate(references):
             start = time.perf_counter()
-            save(f"reference:{model}", f"reference-{i}.pt", run(model, "", [], 1), start)
+            save(" ".join([f"reference:{model}", *own]), f"reference-{i}.pt",
+                 run(model, "", list(own), 1, args.micro_batch), start)
     dist.barrier()
     for i, (case, model, layout, extra) in enumerate(cases):
         start = time.perf_counter()
         try:
-            result = run(model, layout, extra, world)
+            result = run(model, layout, extra, world, args.micro_batch)
         except (train.UserError, ValueError) as exc:
             if rank == 0:
                 print(json.dumps({"case": case, "refused": str(exc)}), flush=True)

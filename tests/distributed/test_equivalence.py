@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from equivalence_worker import own_micro_batch
 from spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,16 +83,21 @@ WORKER = Path(__file__).with_name("equivalence_worker.py")
 class Runs:
     """Every case of a test module, run as examples/train.py runs it but one multi-process launch per world
     size (equivalence_worker.py), started the first time a test asks for one of its cases; the unsharded
-    reference of each model is trained in the same launch. `cases`: (model, layout, nproc, extra args)."""
+    reference of each model is trained in the same launch. `cases`: (model, layout, nproc, extra args).
 
-    def __init__(self, cases: list[tuple[Path, str, int, tuple[str, ...]]], tmp: Path) -> None:
-        self.cases, self.tmp = cases, tmp
+    `micro_batch`: train.py's --micro-batch for every case without an mbs of its own (and the references).
+    2 takes half the micro-batches of 1 (the steps' cost on 2 cores is per micro-batch, not per token) and
+    still accumulates 2 or more per step wherever dp <= 2; test_pp.py keeps 1 (8 micro-batches per step:
+    the schedules' steady state)."""
+
+    def __init__(self, cases: list[tuple[Path, str, int, tuple[str, ...]]], tmp: Path, micro_batch: int = 2) -> None:
+        self.cases, self.tmp, self.micro_batch = cases, tmp, micro_batch
         self.launches: dict[int, tuple[subprocess.CompletedProcess, dict[str, dict], Path]] = {}
 
     def check(self, model: Path, layout: str, nproc: int, *extra: str) -> None:
         """The case's losses and gradients after step 1 against the unsharded model's (as `check`)."""
         assert (model, layout, nproc, extra) in self.cases, "add the case to the module's CASES"
-        compare(self.result(model, layout, nproc, *extra), self.result(model, "", nproc))
+        compare(self.result(model, layout, nproc, *extra), self.result(model, "", nproc, *own_micro_batch(list(extra))))
 
     def result(self, model: Path, layout: str, nproc: int, *extra: str) -> tuple[list[float], dict]:
         """(losses per step, whole gradients after step 1) of the case; layout "": the model's reference."""
@@ -99,9 +105,10 @@ class Runs:
         return saved["losses"], saved["grads"]
 
     def saved(self, model: Path, layout: str, nproc: int, *extra: str) -> dict:
-        """Everything equivalence_worker.py saved for the case (layout "": the model's reference)."""
+        """Everything equivalence_worker.py saved for the case (layout "": the model's reference, at the
+        micro-batch `extra` gives, if any)."""
         out, rows, folder = self._launch(nproc)
-        case = _case_id(model, layout, extra) if layout else f"reference:{model}"
+        case = _case_id(model, layout, extra) if layout else " ".join([f"reference:{model}", *extra])
         assert out.returncode == 0, out.stderr[-3000:]
         assert "refused" not in rows[case], rows[case]
         return torch.load(folder / rows[case]["file"])
@@ -113,7 +120,8 @@ class Runs:
             assert cases, f"no case for {nproc} ranks in this module's CASES"
             folder = self.tmp / f"world{nproc}"
             folder.mkdir()
-            out = spawn([str(WORKER), "--out", str(folder), "--cases", json.dumps(cases)], nproc,
+            out = spawn([str(WORKER), "--out", str(folder), "--cases", json.dumps(cases),
+                         "--micro-batch", str(self.micro_batch)], nproc,
                         timeout=300 + 60 * len(cases))
             rows = {r["case"]: r for r in (json.loads(line) for line in out.stdout.splitlines()
                                            if line.startswith("{"))}

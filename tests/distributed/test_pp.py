@@ -52,7 +52,7 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp) -> Runs:
-    return Runs(CASES, tmp)
+    return Runs(CASES, tmp, micro_batch=1)
 
 
 @pytest.mark.parametrize(("layout", "nproc"), PIPELINES)
