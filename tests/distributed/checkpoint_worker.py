@@ -33,6 +33,10 @@ from autoshard.transforms.init import clean_fqn, meta_parameters
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 HF = Path(__file__).resolve().parents[2] / "tests" / "data" / "hf"
 SEED, BATCH, SEQ, STEPS, SAVE_AT = 7, 8, 32, 6, 3
+MICRO_BATCH = 2
+"""Sequences per micro-batch unless the layout says: 8 / dp / 2 micro-batches a step, half of 1's (a step's
+cost on 2 cores is per micro-batch), the same sequences in each micro-batch under every dp (a MoE's aux loss
+is the micro-batch's)."""
 
 
 def build(name: str) -> tuple[nn.Module, int]:
@@ -51,7 +55,7 @@ def run(index: int, job: dict) -> None:
     if job.get("alone") and dist.get_rank() != 0:
         return
     model, vocab = build(job["model"])
-    partial = {"zero": 0, "mbs": 1} | parse_layout(job["layout"])
+    partial = {"zero": 0, "mbs": MICRO_BATCH} | parse_layout(job["layout"])
     world = 1 if job.get("alone") else dist.get_world_size()
     parallel = apply_layout(model, complete(partial, world), graph=capture(model, 1, SEQ), seed=SEED,
                             precision=job.get("precision", "fp32"), grad_reduce=job.get("grad_reduce"))
