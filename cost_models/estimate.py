@@ -307,15 +307,8 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
     memo = {} if memo is None else memo
     out = dict.fromkeys(("compute", "recompute", "tp_comm", "ep_comm", "cp_exposed", "pp_comm", "zero3_exposed"), 0.0)
     hidden = _hidden(stage)
-    dims = (layout.tp, layout.cp, layout.ep, layout.sp, layout.async_tp, tokens, hidden)
     for w, mode, n in stage.kinds:  # identical blocks cost the same: each kind is priced once
-        key = ("unit", _cost_key(w), mode, dims)
-        if key not in memo:
-            memo[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups,
-                                  tokens=tokens, hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
-                                  cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap,
-                                  attention_ratio=attention_ratio(fw, profile))
-        for kind, value in memo[key].items():
+        for kind, value in _unit_times(w, mode, layout, training, profile, groups, tokens, hidden, fw, memo).items():
             out[kind] += n * value
     if layout.pp > 1:
         out["pp_comm"] = 2 * stage.chunks * _pp_send(tokens / layout.cp * hidden * ACT_BYTES, layout, profile,
@@ -325,6 +318,32 @@ def _stage_time(stage: _Stage, layout: Layout, training: Training, profile: Prof
         # under a pipeline the gathers and the reduce-scatter happen once per step (see _stage_memory)
         out["zero3_exposed"] = exposed / m if layout.pp > 1 else exposed
     return out
+
+
+def _unit_times(w: UnitWork, mode: str, layout: Layout, training: Training, profile: Profile,
+                groups: dict[str, comm.Group], tokens: float, hidden: int, fw: Framework, memo: dict) -> dict[str, float]:
+    """unit_time of `w` under `mode`, kept in `memo` by what it depends on (_stage_time)."""
+    key = ("unit", _cost_key(w), mode, (layout.tp, layout.cp, layout.ep, layout.sp, layout.async_tp, tokens, hidden))
+    if key not in memo:
+        memo[key] = unit_time(w, layout=layout, training=training, profile=profile, groups=groups, tokens=tokens,
+                              hidden=hidden, recompute=mode, kernel_efficiency=fw.kernel_efficiency,
+                              cp_comm=fw.cp_comm, tp_overlap=fw.tp_bwd_overlap,
+                              attention_ratio=attention_ratio(fw, profile))
+    return memo[key]
+
+
+def kind_times(graph: ModelGraph, layout: Layout, training: Training, profile: Profile, *,
+               work: list[UnitWork] | None = None, memo: dict | None = None) -> list[tuple[int, float]]:
+    """(how many units, seconds one micro-batch spends in one of them) for each kind of unit (_Stage.kinds) at
+    the layout's tp, cp, ep, micro-batch and recompute, whatever its pipeline: what a stage's time is made of
+    (_stage_time adds the sends between stages and ZeRO-3's gathers). For the search's floors."""
+    memo = {} if memo is None else memo
+    fw, _, _ = _setup(graph, layout, training, None, None, work, None, memo)
+    whole = _stages(memo["work"], dataclasses.replace(layout, pp=1, vpp=1, schedule="1f1b"), None, None, memo)[0]
+    groups = comm.layout_groups(layout)
+    hidden, tokens = _hidden(whole), layout.mbs * training.seq_len
+    return [(n, sum(_unit_times(w, mode, layout, training, profile, groups, tokens, hidden, fw, memo).values()))
+            for w, mode, n in whole.kinds]
 
 
 def _pp_send(boundary: float, layout: Layout, profile: Profile, groups: dict[str, comm.Group],

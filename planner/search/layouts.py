@@ -6,8 +6,9 @@ refine the best few with the stage-assignment ILP (planner/search/ilp.py).
    heads (kv heads divide tp or tp divides them: replicated kv heads), cp dividing seq_len / 2 (two chunks
    per rank for causal balance), pp at most the blocks, ep dividing experts and dp x cp, dp dividing the
    global batch.
-2. Floors, visited best first (one heap). A tuple's quick floor: its units' time over pp with the least fill
-   and drain, no pipeline priced (_quick_floor). When its turn comes, each of its (micro-batch,
+2. Floors, visited best first (one heap). A tuple's quick floor: m micro-batches through its slowest stage
+   (at least the units' time over pp, and ceil(n / pp) units of each kind) with the least fill and drain,
+   no pipeline priced (_quick_floor). When its turn comes, each of its (micro-batch,
    interleaving, schedule) choices gets its own floor: its pipeline time at the lightest recompute at which
    some ZeRO stage could fit in memory, inf when none could (_choice_floors; recompute, ZeRO-3,
    data-parallel traffic and the optimizer only add to a pipeline time). Once the least floor left ranks
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoshard.cost_models import communication as comm
-from autoshard.cost_models.estimate import Estimate, estimate, peak_memory, pipeline_time
+from autoshard.cost_models.estimate import Estimate, estimate, kind_times, peak_memory, pipeline_time
 from autoshard.cost_models.framework import get_framework
 from autoshard.cost_models.layout import MULTI_CHUNK_SCHEDULES, RECOMPUTE, Layout, Training
 from autoshard.cost_models.pipeline import fill_drain
@@ -269,20 +270,25 @@ def _lightest_fitting(graph: ModelGraph, work: list[UnitWork], degrees: tuple[in
 
 def _quick_floor(graph: ModelGraph, work: list[UnitWork], degrees: tuple[int, int, int, int, int],
                  training: Training, profile: Profile, fixed: dict[str, Any], memo: dict) -> float:
-    """A floor under _tuple_floor that prices no pipeline: a step of m micro-batches is at least (m + the
-    least fill and drain) mean stage times (pipeline.step_time), and a mean stage time at least the units'
-    time over pp (the sends between stages left out)."""
+    """A floor under the tuple's choice floors that prices no pipeline. A step of m micro-batches takes m
+    times the slowest stage and the least fill and drain times the mean one (pipeline.step_time), with no
+    recompute; the mean stage holds the units' time over pp, the slowest at least that, and at least
+    ceil(n / pp) of the n units of each kind (some stage holds that many, whatever the split); the sends
+    between stages are left out."""
     tp, cp, pp, dp, ep = degrees
     choices = _combos(graph, degrees, training, fixed)
     fill = min((fill_drain(pp, vpp, schedule) for _, vpp, schedule in choices), default=0.0)
     out = math.inf
     for mbs in dict.fromkeys(mbs for mbs, _, _ in choices):
         m = training.global_batch // (dp * mbs)
-        key = ("quick", tp, cp, ep, mbs)  # one stage at ZeRO-1: no pipeline or data-parallel degree in it
+        key = ("quick", tp, cp, ep, mbs)  # one micro-batch at ZeRO-1: no pipeline or data-parallel degree in it
         if key not in memo:
             whole = Layout(tp=tp, cp=cp, pp=1, dp=dp, ep=ep, mbs=mbs, zero=1, recompute="none", **_flags(fixed))
-            memo[key] = pipeline_time(graph, whole, training, profile, work=work, memo=memo) / m  # one micro-batch
-        out = min(out, (m + fill) * memo[key] / pp)
+            kinds = kind_times(graph, whole, training, profile, work=work, memo=memo)
+            memo[key] = sum(n * t for n, t in kinds), kinds
+        total, kinds = memo[key]
+        slowest = max([total / pp] + [-(-n // pp) * t for n, t in kinds])
+        out = min(out, (m * slowest + fill * total / pp) * (1 - 1e-9))  # sums in another order: rounding
     return out
 
 

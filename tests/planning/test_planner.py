@@ -169,3 +169,27 @@ def test_the_ilp_lower_bound_is_under_every_split(spec, layout):
     solved = ilp.build().solve()
     assert bound <= solved.objective_s * (1 + 1e-6)  # the solver rounds its objective (2e-8 seen)
     assert ilp.objective(solved.split, "none") == pytest.approx(solved.objective_s, rel=1e-6)
+
+
+@pytest.mark.parametrize(("spec", "gpus", "batch"), [("deepseek_v3_like.yaml", 2048, 4096), ("llama3_70b.yaml", 1024, 1024)])
+def test_a_tuples_quick_floor_is_under_its_pipeline_times(spec, gpus, batch):
+    """The floor a degree tuple waits under (layouts._quick_floor: per-kind unit times, some stage holding
+    ceil(n / pp) of each kind) is under the pipeline time of every (micro-batch, interleaving, schedule)
+    choice of the tuple, the lightest recompute's; and the kinds add up to the one-stage pipeline time."""
+    from autoshard.cost_models.estimate import kind_times, pipeline_time
+    from autoshard.cost_models.work import model_work
+    from autoshard.planner.search import layouts
+
+    graph = capture(SPECS / spec, 1, 4096)
+    training = Training(global_batch=batch, seq_len=4096)
+    work, memo = model_work(graph), {}
+    tuples = layouts.degree_tuples(graph, gpus, training, H100, {})
+    for tp, cp, pp, dp, ep in tuples[:: max(1, len(tuples) // 40)]:
+        floor = layouts._quick_floor(graph, work, (tp, cp, pp, dp, ep), training, H100, {}, memo)
+        for mbs, vpp, schedule in layouts._combos(graph, (tp, cp, pp, dp, ep), training, {}):
+            lay = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, schedule=schedule, zero=1)
+            assert floor <= pipeline_time(graph, lay, training, H100, work=work), lay.to_string()
+        one = Layout(tp=tp, cp=cp, pp=1, dp=dp * pp, ep=ep, mbs=1, zero=1)
+        m = training.global_batch // one.dp
+        assert sum(n * t for n, t in kind_times(graph, one, training, H100, work=work)) == pytest.approx(
+            pipeline_time(graph, one, training, H100, work=work) / m, rel=1e-12)
