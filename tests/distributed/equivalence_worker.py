@@ -2,20 +2,22 @@
 (model, layout) cases in one multi-process launch, one interpreter start, torch import and rendezvous for
 all of them (about 3.5 CPU seconds per rank and launch, most of a tiny case's cost on the 2-core CI).
 
-    python tests/distributed/equivalence_worker.py --out DIR \
+    python tests/distributed/equivalence_worker.py --out DIR [--micro-batch 2] \
         --cases '[["case-id", "examples/specs/tiny_llama.yaml", "tp=2", ["--stage-split", "1,3"]], ...]'
 
-Each case runs as examples/train.py runs it (its argument parser with the test's arguments, its model
-builder, capture (once per model and rank), layout parsing, batch check, apply_layout arguments and synthetic
-batches; only the process group
-is started once for all cases; train.py's checkpoint, --verify and --grads-out options are not mirrored
-and are refused): rank 0 saves {"losses": [...], "grads": whole gradients after step 1, "dropped": MoE
-assignments dropped at capacity on rank 0} to DIR/case-<i>.pt,
-i the case's index. For each model among the cases rank 0 first trains the unsharded model the same way on
-its own (train.py's reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id
-"reference:<model>" (with " --micro-batch <k>" appended for cases that give their own: one reference each). rank 0 prints one JSON line per file written: {"case": id, "file": ..., "seconds": ...}.
-A layout refused on every rank before any collective (UserError/ValueError, train.py's exit 2) is printed as
-{"case": id, "refused": message}; any other exception ends the worker with its traceback.
+Each case runs as examples/train.py runs it: its argument parser with the test's arguments (--micro-batch
+given to every case, a case's own arguments after it), its model builder, capture (once per model and rank),
+layout parsing, batch check, apply_layout arguments and synthetic batches. Only the process group is started
+once for all cases; train.py's checkpoint, --verify and --grads-out options are not mirrored and are refused.
+Rank 0 saves {"losses": [...], "grads": whole gradients after step 1, "dropped": MoE assignments dropped at
+capacity on rank 0} to DIR/case-<i>.pt, i the case's index.
+
+For each model among the cases rank 0 first trains the unsharded model the same way on its own (train.py's
+reference run: no --layout, one process) into DIR/reference-<j>.pt, the case id "reference:<model>"; cases
+that give their own --micro-batch get a reference at it, "reference:<model> --micro-batch <k>" (a MoE's aux
+loss is the micro-batch's). Rank 0 prints one JSON line per file written: {"case": id, "file": ...,
+"seconds": ...}. A layout refused on every rank before any collective (UserError/ValueError, train.py's exit
+2) is printed as {"case": id, "refused": message}; any other exception ends the worker with its traceback.
 """
 
 from __future__ import annotations
