@@ -338,8 +338,8 @@ def kind_times(graph: ModelGraph, layout: Layout, training: Training, profile: P
     the layout's tp, cp, ep, micro-batch and recompute, whatever its pipeline: what a stage's time is made of
     (_stage_time adds the sends between stages and ZeRO-3's gathers). For the search's floors."""
     memo = {} if memo is None else memo
-    fw, _, _ = _setup(graph, layout, training, None, None, work, None, memo)
-    whole = _stages(memo["work"], dataclasses.replace(layout, pp=1, vpp=1, schedule="1f1b"), None, None, memo)[0]
+    layout = dataclasses.replace(layout, pp=1, vpp=1, schedule="1f1b")
+    fw, (whole,), _ = _setup(graph, layout, training, None, None, work, None, memo)
     groups = comm.layout_groups(layout)
     hidden, tokens = _hidden(whole), layout.mbs * training.seq_len
     return [(n, sum(_unit_times(w, mode, layout, training, profile, groups, tokens, hidden, fw, memo).values()))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from spawn import exit_cleanly  # tests/distributed is the script's directory
+from spawn import MICRO_BATCH, exit_cleanly  # tests/distributed is the script's directory
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -33,10 +33,6 @@ from autoshard.transforms.init import clean_fqn, meta_parameters
 SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
 HF = Path(__file__).resolve().parents[2] / "tests" / "data" / "hf"
 SEED, BATCH, SEQ, STEPS, SAVE_AT = 7, 8, 32, 6, 3
-MICRO_BATCH = 2
-"""Sequences per micro-batch unless the layout says: 8 / dp / 2 micro-batches a step, half of 1's (a step's
-cost on 2 cores is per micro-batch), the same sequences in each micro-batch under every dp (a MoE's aux loss
-is the micro-batch's)."""
 
 
 def build(name: str) -> tuple[nn.Module, int]:
@@ -55,6 +51,8 @@ def run(index: int, job: dict) -> None:
     if job.get("alone") and dist.get_rank() != 0:
         return
     model, vocab = build(job["model"])
+    # spawn.MICRO_BATCH, pipelines too (resuming checks the checkpoint, not the schedule); the same sequences
+    # in each micro-batch under every dp
     partial = {"zero": 0, "mbs": MICRO_BATCH} | parse_layout(job["layout"])
     world = 1 if job.get("alone") else dist.get_world_size()
     parallel = apply_layout(model, complete(partial, world), graph=capture(model, 1, SEQ), seed=SEED,

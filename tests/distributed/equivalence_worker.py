@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from spawn import exit_cleanly  # tests/distributed is the script's directory
+from spawn import exit_cleanly, own_micro_batch  # tests/distributed is the script's directory
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train.py")
@@ -70,12 +70,6 @@ def run(model: str, layout: str, extra: list[str], world: int,
         if step == 0:
             grads = parallel.full_gradients()
     return losses, grads, sum(getattr(m, "dropped", 0) for m in model_.modules())
-
-
-def own_micro_batch(extra: list[str]) -> list[str]:
-    """The case's own --micro-batch argument (["--micro-batch", "1"]), or []."""
-    i = extra.index("--micro-batch") if "--micro-batch" in extra else -1
-    return extra[i:i + 2] if i >= 0 else []
 
 
 def main() -> None:

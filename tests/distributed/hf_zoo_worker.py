@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from spawn import exit_cleanly  # tests/distributed is the script's directory
+from spawn import MICRO_BATCH, exit_cleanly  # tests/distributed is the script's directory
 
 from autoshard.cost_models.layout import complete, parse_layout
 from autoshard.planner.capture.loading import load_model
@@ -38,10 +38,6 @@ from autoshard.transforms.init import meta_parameters
 
 HF = Path(__file__).resolve().parents[2] / "tests" / "data" / "hf"
 SEED, BATCH, SEQ = 7, 8, 32
-MICRO_BATCH = 2
-"""Sequences per micro-batch where the layout gives none and has no pipeline: half the micro-batches of 1
-(a step's cost on 2 cores is per micro-batch, not per token), still 2 or more accumulated per step at dp <= 2.
-Pipelines keep 1 (8 / dp micro-batches: the schedule's steady state)."""
 LOSS_RTOL, GRAD_TOL = 1e-4, 1e-5
 
 
@@ -69,7 +65,7 @@ def train(arch: str, graph: ModelGraph, layout_text: str, steps: int,
     model = build(arch)
     partial = parse_layout(layout_text)
     partial.setdefault("zero", 0)
-    partial.setdefault("mbs", MICRO_BATCH if partial.get("pp", 1) == 1 else 1)
+    partial.setdefault("mbs", MICRO_BATCH if partial.get("pp", 1) == 1 else 1)  # pipelines keep 1
     layout = complete(partial, world if layout_text else 1)
     parallel = apply_layout(model, layout, graph=graph, seed=SEED)
     vocab = model.config.vocab_size

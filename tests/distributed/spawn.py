@@ -1,7 +1,9 @@
 """Start a multi-process job for the distributed tests the way torchrun starts its workers (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT in the environment), without torchrun's elastic agent: one Python interpreter
 and a rendezvous fewer per launch, about a second of the 2-core budget each. As torchrun does, the first
-rank to fail stops the others, so a crashed rank never leaves its peers waiting in a collective."""
+rank to fail stops the others, so a crashed rank never leaves its peers waiting in a collective.
+
+Also the convention the workers share for their batches (MICRO_BATCH, own_micro_batch)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+MICRO_BATCH = 2
+"""Sequences per micro-batch of the workers' 8-sequence batches where a case gives none: half the
+micro-batches of 1 (a step's cost on 2 cores is per micro-batch, not per token), still 2 or more accumulated
+per rank wherever dp <= 2. Pipeline cases keep 1 (8 / dp micro-batches a step: the schedules' steady state).
+A model's unsharded reference runs at its cases' micro-batch: a MoE's aux loss is the micro-batch's."""
+
+
+def own_micro_batch(extra: list[str]) -> list[str]:
+    """A case's own --micro-batch argument among its extra train.py arguments (["--micro-batch", "1"]), or []."""
+    i = extra.index("--micro-batch") if "--micro-batch" in extra else -1
+    return extra[i:i + 2] if i >= 0 else []
 
 
 def free_port() -> int:

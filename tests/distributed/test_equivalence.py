@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from equivalence_worker import own_micro_batch
-from spawn import spawn
+from spawn import MICRO_BATCH, own_micro_batch, spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train.py"
@@ -85,19 +84,19 @@ class Runs:
     size (equivalence_worker.py), started the first time a test asks for one of its cases; the unsharded
     reference of each model is trained in the same launch. `cases`: (model, layout, nproc, extra args).
 
-    `micro_batch`: train.py's --micro-batch for every case without an mbs of its own (and the references).
-    2 takes half the micro-batches of 1 (the steps' cost on 2 cores is per micro-batch, not per token) and
-    still accumulates 2 or more per step wherever dp <= 2; test_pp.py keeps 1 (8 micro-batches per step:
-    the schedules' steady state)."""
+    `micro_batch`: train.py's --micro-batch for every case without an mbs of its own (and the references):
+    spawn.MICRO_BATCH; test_pp.py gives 1."""
 
-    def __init__(self, cases: list[tuple[Path, str, int, tuple[str, ...]]], tmp: Path, micro_batch: int = 2) -> None:
+    def __init__(self, cases: list[tuple[Path, str, int, tuple[str, ...]]], tmp: Path,
+                 micro_batch: int = MICRO_BATCH) -> None:
         self.cases, self.tmp, self.micro_batch = cases, tmp, micro_batch
         self.launches: dict[int, tuple[subprocess.CompletedProcess, dict[str, dict], Path]] = {}
 
     def check(self, model: Path, layout: str, nproc: int, *extra: str) -> None:
         """The case's losses and gradients after step 1 against the unsharded model's (as `check`)."""
         assert (model, layout, nproc, extra) in self.cases, "add the case to the module's CASES"
-        compare(self.result(model, layout, nproc, *extra), self.result(model, "", nproc, *own_micro_batch(list(extra))))
+        reference = self.result(model, "", nproc, *own_micro_batch(list(extra)))
+        compare(self.result(model, layout, nproc, *extra), reference)
 
     def result(self, model: Path, layout: str, nproc: int, *extra: str) -> tuple[list[float], dict]:
         """(losses per step, whole gradients after step 1) of the case; layout "": the model's reference."""

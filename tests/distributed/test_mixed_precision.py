@@ -8,7 +8,7 @@ per-sample arithmetic is the single process's (dp at zero 0 and 1, pp) match the
 the same master-weight scheme within TIGHT_RTOL; expert parallelism at zero 0 and 1 (the experts' own bf16
 parameters and fp32 master) within EP_RTOL of it. Checkpoints hold the fp32 master: a bf16 checkpoint resumes
 under another ZeRO stage, under PP, and in fp32. The "observed" figures below were measured at one sequence per
-micro-batch; checkpoint_worker.py now runs two (MICRO_BATCH) and the bounds hold there too."""
+micro-batch; checkpoint_worker.py now runs two (spawn.MICRO_BATCH) and the bounds hold there too."""
 
 from __future__ import annotations
 
